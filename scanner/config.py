@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from scanner.errors import InvalidOptionError
 
-__all__ = ["DataLimits", "ModelOptions", "ScanConfig"]
+__all__ = ["DataLimits", "ModelOptions", "NeuralCleanseConfig", "ScanConfig"]
 
 MAX_CLASSES = 100_000
 MAX_SIDE = 4096
@@ -69,9 +69,81 @@ class ModelOptions:
 
 
 @dataclass(frozen=True)
+class NeuralCleanseConfig:
+    """Hyper-parameters. Defaults follow the paper and the authors' code unless noted.
+
+    Attributes:
+        attack_success_threshold: fraction of stamped samples that must land in the target class.
+        init_cost: the L1 weight once the attack first succeeded for ``patience`` steps.
+        cost_multiplier: cost is multiplied by this after ``patience`` successful steps and divided by its
+            1.5th power after ``patience`` failed ones.
+        patience: steps of success (or failure) before the cost changes.
+        early_stop_patience: steps without a smaller valid mask before a class stops (once its cost went
+            both up and down).
+        early_stop_min_delta: a best mask counts as smaller only when its L1 is below ``(1 - delta)`` times
+            the last reference; 0 is the original (any improvement resets the count).
+        success_window: mini-batches whose success rate is averaged for the schedule's decisions; ``None``
+            averages over the step's own mini-batches (the original: one pass over the samples).
+        max_steps: hard step limit per class.
+        lr, betas: Adam.
+        batch_size: clean samples per mini-batch and class.
+        batches_per_step: mini-batches per schedule step; ``None`` is one pass over the samples (the original).
+        max_samples: at most this many clean samples are used (the first ones after a seeded shuffle).
+        chunk_size: classes optimised together; ``None`` sizes chunks by ``max_images_per_forward``.
+        max_images_per_forward: memory budget: stamped images in one forward pass.
+        anomaly_threshold: flag classes below the median L1 with an anomaly index above this.
+    """
+
+    attack_success_threshold: float = 0.99
+    init_cost: float = 1e-3
+    cost_multiplier: float = 1.5
+    patience: int = 5
+    early_stop_patience: int = 25
+    early_stop_min_delta: float = 0.0
+    success_window: int | None = None
+    max_steps: int = 1000
+    lr: float = 0.1
+    betas: tuple[float, float] = (0.5, 0.9)
+    batch_size: int = 32
+    batches_per_step: int | None = None
+    max_samples: int = 1000
+    chunk_size: int | None = None
+    max_images_per_forward: int = 4096
+    anomaly_threshold: float = 2.0
+
+    def __post_init__(self) -> None:
+        checks = {
+            "attack_success_threshold": 0.0 < self.attack_success_threshold <= 1.0,
+            "init_cost": self.init_cost > 0,
+            "cost_multiplier": self.cost_multiplier > 1.0,
+            "patience": self.patience >= 1,
+            "early_stop_patience": self.early_stop_patience >= 1,
+            "early_stop_min_delta": 0.0 <= self.early_stop_min_delta < 1.0,
+            "success_window": self.success_window is None or self.success_window >= 1,
+            "max_steps": self.max_steps >= 1,
+            "lr": self.lr > 0,
+            "batch_size": self.batch_size >= 1,
+            "batches_per_step": self.batches_per_step is None or self.batches_per_step >= 1,
+            "max_samples": self.max_samples >= 1,
+            "chunk_size": self.chunk_size is None or self.chunk_size >= 1,
+            "max_images_per_forward": self.max_images_per_forward >= 1,
+            "anomaly_threshold": self.anomaly_threshold > 0,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise InvalidOptionError(f"invalid Neural Cleanse option(s): {', '.join(bad)}")
+
+    def classes_per_chunk(self) -> int:
+        if self.chunk_size is not None:
+            return self.chunk_size
+        return max(1, self.max_images_per_forward // self.batch_size)
+
+
+@dataclass(frozen=True)
 class ScanConfig:
     """Everything one scan needs besides file paths and the device."""
 
     model: ModelOptions = field(default_factory=ModelOptions)
     seed: int = 0
+    neural_cleanse: NeuralCleanseConfig = field(default_factory=NeuralCleanseConfig)
     data_limits: DataLimits = field(default_factory=DataLimits)

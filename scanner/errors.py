@@ -6,6 +6,11 @@ never rename one, only add new ones.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from scanner.model_file import ModelFileReport
+
 __all__ = [
     "ScannerError",
     "InvalidOptionError",
@@ -19,6 +24,8 @@ __all__ = [
     "InvalidDataError",
     "DataModelMismatchError",
     "DeviceUnavailableError",
+    "ScanCancelled",
+    "AllowlistUnavailableError",
 ]
 
 
@@ -60,9 +67,16 @@ class CorruptFileError(ScannerError):
 
 
 class UnsafeFileError(ScannerError):
-    """A pickle inside the file would import globals outside the weights-only allowlist."""
+    """A pickle inside the file would import globals outside the weights-only allowlist.
+
+    ``report`` is the :class:`scanner.model_file.ModelFileReport` that names the findings.
+    """
 
     code = "unsafe_file"
+
+    def __init__(self, detail: str, report: ModelFileReport) -> None:
+        super().__init__(detail)
+        self.report = report
 
 
 class TrustRequiredError(ScannerError):
@@ -99,3 +113,15 @@ class DeviceUnavailableError(ScannerError):
     """The requested device does not exist on this machine."""
 
     code = "device_unavailable"
+
+
+class ScanCancelled(ScannerError):
+    """Raised by a progress callback to stop a scan at the next progress point (never swallowed)."""
+
+    code = "cancelled"
+
+
+class AllowlistUnavailableError(ScannerError):
+    """torch's weights-only allowlist cannot be read, so no file can be checked (fail closed)."""
+
+    code = "allowlist_unavailable"

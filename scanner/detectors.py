@@ -1,0 +1,118 @@
+"""The backdoor detectors a scan runs, behind one small interface.
+
+A detector says whether it can run on the inputs (``needs`` returns a skip reason or ``None``) and turns
+them into a :class:`DetectorResult`. The pipeline contains crashes; detectors only raise for bad input.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from scanner.config import ScanConfig
+from scanner.data import Samples
+from scanner.neural_cleanse import mask_png, neural_cleanse, png_base64
+from scanner.verdict import DetectorResult, DetectorStatus
+
+__all__ = ["DETECTORS", "Detector", "Progress", "ScanInputs"]
+
+#: ``progress(fraction, stage, message)``; fraction in [0, 1]. May raise ScanCancelled to stop the scan.
+Progress = Callable[[float, str, str], None]
+
+
+@dataclass(frozen=True)
+class ScanInputs:
+    """What the detectors get: the model in [0, 1] pixel space on ``device`` and the decoded data."""
+
+    model: nn.Module
+    num_classes: int
+    input_shape: tuple[int, int, int] | None
+    clean: Samples | None
+    training: Samples | None
+    config: ScanConfig
+    device: torch.device
+    progress: Progress
+
+
+@dataclass(frozen=True)
+class Detector:
+    name: str
+    needs: Callable[[ScanInputs], str | None]
+    run: Callable[[ScanInputs], DetectorResult]
+
+
+def _npy(array: torch.Tensor) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array.detach().cpu().numpy(), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _needs_clean(inputs: ScanInputs) -> str | None:
+    return None if inputs.clean is not None else "no clean samples given (data)"
+
+
+def _run_neural_cleanse(inputs: ScanInputs) -> DetectorResult:
+    assert inputs.clean is not None
+    images = inputs.clean.images.to(inputs.device)
+    labels = inputs.clean.labels.to(inputs.device)
+
+    def progress(fraction: float, message: str) -> None:
+        inputs.progress(0.1 + 0.85 * fraction, "neural_cleanse", message)
+
+    result = neural_cleanse(
+        inputs.model,
+        images,
+        labels,
+        inputs.num_classes,
+        inputs.config.neural_cleanse,
+        seed=inputs.config.seed,
+        progress=progress,
+    )
+    classes = []
+    artifacts: dict[str, bytes] = {}
+    for trigger, index, flagged, rate in zip(
+        result.triggers, result.anomaly_indices, result.flagged, result.attack_success_rates, strict=True
+    ):
+        stem = f"nc-class-{trigger.target}"
+        entry: dict[str, object] = {
+            "class": trigger.target,
+            "mask_l1": round(trigger.mask_l1, 4),
+            "anomaly_index": round(index, 4) if np.isfinite(index) else None,
+            "attack_success_rate": round(rate, 4) if np.isfinite(rate) else None,
+            "reached_threshold": trigger.reached_threshold,
+            "steps": trigger.steps,
+            "flagged": flagged,
+        }
+        if flagged:
+            entry["mask"] = {"shape": list(trigger.mask.shape), "png_base64": png_base64(trigger.mask)}
+            entry["pattern"] = {"shape": list(trigger.pattern.shape), "png_base64": png_base64(trigger.pattern)}
+        entry["artifacts"] = {
+            "mask_png": f"{stem}-mask.png",
+            "pattern_png": f"{stem}-pattern.png",
+            "mask_npy": f"{stem}-mask.npy",
+            "pattern_npy": f"{stem}-pattern.npy",
+        }
+        artifacts[f"{stem}-mask.png"] = mask_png(trigger.mask)
+        artifacts[f"{stem}-pattern.png"] = mask_png(trigger.pattern)
+        artifacts[f"{stem}-mask.npy"] = _npy(trigger.mask)
+        artifacts[f"{stem}-pattern.npy"] = _npy(trigger.pattern)
+        classes.append(entry)
+    return DetectorResult(
+        status=DetectorStatus.OK,
+        flagged_classes=tuple(result.flagged_classes),
+        details={
+            "threshold": result.threshold,
+            "samples_used": int(min(len(images), inputs.config.neural_cleanse.max_samples)),
+            "classes": classes,
+        },
+        duration_s=result.duration_s,
+        artifacts=artifacts,
+    )
+
+
+DETECTORS: tuple[Detector, ...] = (Detector("neural_cleanse", _needs_clean, _run_neural_cleanse),)

@@ -1,0 +1,387 @@
+"""Neural Cleanse: reverse-engineer a minimal trigger per class, then look for a class whose trigger is tiny.
+
+Wang et al., "Neural Cleanse: Identifying and Mitigating Backdoor Attacks in Neural Networks", IEEE S&P 2019.
+
+For every class ``k`` we look for the smallest mask ``m`` (H, W), shared across channels and kept in [0, 1]
+through ``tanh``, and a pattern ``p`` (C, H, W) in [0, 1] such that ``(1 - m) * x + m * p`` is classified as
+``k`` for at least ``attack_success_threshold`` of the clean samples. The loss is cross-entropy plus
+``cost * |m|_1``, optimised with Adam; ``cost`` follows the paper's schedule (0 until the attack succeeds for
+``patience`` steps, then ``init_cost``, then x``cost_multiplier`` up / ÷``cost_multiplier**1.5`` down), the best
+(smallest-L1) mask that met the threshold is kept as float, and a class stops early once its best mask stopped
+improving. A backdoor target needs a much smaller trigger than the other classes: the MAD anomaly index of the
+masks' L1 norms (:mod:`scanner.stats`) finds it.
+
+Unlike the published implementations, which optimise one class at a time, all classes of a chunk are optimised
+in the same forward/backward pass, each with its own mask, pattern, cost schedule and early stop; a finished
+class leaves the batch. Adam is element-wise, so optimising a chunk of classes with one optimizer is the same
+algorithm as optimising each class alone; ``chunk_size=1`` is the sequential original, run by the same code.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+from scanner.config import NeuralCleanseConfig
+from scanner.stats import anomaly_index, small_outliers
+
+__all__ = [
+    "ClassTrigger",
+    "NeuralCleanseConfig",
+    "NeuralCleanseResult",
+    "mask_png",
+    "neural_cleanse",
+    "reverse_engineer_triggers",
+]
+
+_EPSILON = 1e-7  # keeps tanh-space parameters finite when a mask value starts at exactly 0 or 1
+
+#: ``progress(fraction, message)`` with fraction in [0, 1] of the whole reverse-engineering.
+StepProgress = Callable[[float, str], None]
+
+
+@dataclass(frozen=True)
+class ClassTrigger:
+    """The reversed trigger of one class.
+
+    Attributes:
+        target: the class.
+        mask: (H, W) float32 in [0, 1], on the CPU: the best mask that met the threshold, or the last one.
+        pattern: (C, H, W) float32 in [0, 1], on the CPU.
+        mask_l1: ``mask.sum()``; the statistic the outlier test uses.
+        reached_threshold: whether any step met the attack-success threshold.
+        steps: schedule steps run for this class.
+    """
+
+    target: int
+    mask: Tensor
+    pattern: Tensor
+    mask_l1: float
+    reached_threshold: bool
+    steps: int
+
+
+@dataclass
+class _Schedule:
+    """The per-class cost schedule and early stop of the original algorithm."""
+
+    config: NeuralCleanseConfig
+    cost: float = 0.0
+    best_l1: float = math.inf
+    early_stop_best: float = math.inf
+    set_counter: int = 0
+    up_counter: int = 0
+    down_counter: int = 0
+    early_stop_counter: int = 0
+    went_up: bool = False
+    went_down: bool = False
+    steps: int = 0
+
+    def update(self, success: float, l1: float) -> tuple[bool, bool]:
+        """Record one step; returns (this step's mask is the new best, the class should stop)."""
+        cfg = self.config
+        self.steps += 1
+        improved = success >= cfg.attack_success_threshold and l1 < self.best_l1
+        if improved:
+            self.best_l1 = l1
+        if self.best_l1 < math.inf:
+            # the original resets on any improvement (min_delta 0); a relative min_delta ignores slow drift
+            if self.best_l1 < (1 - cfg.early_stop_min_delta) * self.early_stop_best:
+                self.early_stop_counter = 0
+                self.early_stop_best = self.best_l1
+            else:
+                self.early_stop_counter += 1
+        stop = self.went_up and self.went_down and self.early_stop_counter >= cfg.early_stop_patience
+
+        if self.cost == 0.0 and success >= cfg.attack_success_threshold:
+            self.set_counter += 1
+            if self.set_counter >= cfg.patience:
+                self.cost = cfg.init_cost
+                self.up_counter = self.down_counter = 0
+                self.went_up = self.went_down = False
+        else:
+            self.set_counter = 0
+        if success >= cfg.attack_success_threshold:
+            self.up_counter += 1
+            self.down_counter = 0
+        else:
+            self.up_counter = 0
+            self.down_counter += 1
+        if self.up_counter >= cfg.patience:
+            self.up_counter = 0
+            self.cost *= cfg.cost_multiplier
+            self.went_up = True
+        elif self.down_counter >= cfg.patience:
+            self.down_counter = 0
+            self.cost /= cfg.cost_multiplier**1.5
+            self.went_down = True
+        return improved, stop or self.steps >= cfg.max_steps
+
+
+def _to_unit(raw: Tensor) -> Tensor:
+    return torch.tanh(raw) / (2 - _EPSILON) + 0.5
+
+
+def _from_unit(values: Tensor) -> Tensor:
+    return torch.atanh((values - 0.5) * (2 - _EPSILON))
+
+
+def _initial_parameters(targets: Sequence[int], shape: tuple[int, int, int], seed: int) -> tuple[Tensor, Tensor]:
+    """Random start (uniform in [0, 1], as the authors' code) per class, independent of the chunking."""
+    channels, height, width = shape
+    masks, patterns = [], []
+    for target in targets:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + target)
+        masks.append(torch.rand((1, height, width), generator=generator))
+        patterns.append(torch.rand((channels, height, width), generator=generator))
+    return _from_unit(torch.stack(masks)), _from_unit(torch.stack(patterns))
+
+
+def _optimise_chunk(
+    model: nn.Module,
+    images: Tensor,
+    targets: list[int],
+    num_classes: int,
+    config: NeuralCleanseConfig,
+    seed: int,
+    on_step: Callable[[list[float]], None],
+) -> list[ClassTrigger]:
+    """Reverse-engineer the triggers of ``targets`` together. ``images``: (N, C, H, W) in [0, 1] on the device."""
+    device = images.device
+    count, channels, height, width = images.shape
+    mask_raw, pattern_raw = _initial_parameters(targets, (channels, height, width), seed)
+    mask_raw = mask_raw.to(device).requires_grad_(True)  # (B, 1, H, W)
+    pattern_raw = pattern_raw.to(device).requires_grad_(True)  # (B, C, H, W)
+    optimizer = torch.optim.Adam([mask_raw, pattern_raw], lr=config.lr, betas=config.betas)
+    target_ids = torch.tensor(targets, device=device)
+    schedules = [_Schedule(config) for _ in targets]
+    best_masks = _to_unit(mask_raw.detach()).clone()
+    best_patterns = _to_unit(pattern_raw.detach()).clone()
+    costs = torch.zeros(len(targets), device=device)
+    batch_size = min(config.batch_size, count)
+    batches = config.batches_per_step or math.ceil(count / batch_size)
+    order_generator = torch.Generator().manual_seed(seed)  # the same sample order for every chunk
+    order = torch.empty(0, dtype=torch.long)
+    active = list(range(len(targets)))
+    window = config.success_window or batches
+    history = torch.zeros(len(targets), window)  # success rate of each class's last `window` mini-batches
+    seen = 0
+
+    while active:
+        rows = torch.tensor(active, device=device)
+        for _ in range(batches):
+            if order.numel() < batch_size:
+                order = torch.cat([order, torch.randperm(count, generator=order_generator)])
+            batch, order = images[order[:batch_size].to(device)], order[batch_size:]
+            mask = _to_unit(mask_raw[rows])  # (A, 1, H, W)
+            pattern = _to_unit(pattern_raw[rows])  # (A, C, H, W)
+            stamped = (1 - mask).unsqueeze(1) * batch.unsqueeze(0) + (mask * pattern).unsqueeze(1)  # (A, n, C, H, W)
+            logits = model(stamped.flatten(0, 1)).view(len(active), batch_size, num_classes)
+            wanted = target_ids[rows]
+            cross_entropy = F.cross_entropy(
+                logits.flatten(0, 1), wanted.repeat_interleave(batch_size), reduction="none"
+            ).view(len(active), batch_size)
+            l1 = mask.sum(dim=(1, 2, 3))
+            loss = (cross_entropy.mean(dim=1) + costs[rows] * l1).sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            hits = (logits.detach().argmax(dim=2) == wanted.unsqueeze(1)).float().mean(dim=1)
+            history[torch.tensor(active), seen % window] = hits.cpu()
+            seen += 1
+
+        with torch.no_grad():
+            masks_now = _to_unit(mask_raw[rows])
+            patterns_now = _to_unit(pattern_raw[rows])
+            l1_now = masks_now.sum(dim=(1, 2, 3)).tolist()
+        success = history[active, : min(seen, window)].mean(dim=1).tolist()
+        still_active = []
+        for slot, row in enumerate(active):
+            improved, stop = schedules[row].update(success[slot], l1_now[slot])
+            if improved:
+                best_masks[row] = masks_now[slot]
+                best_patterns[row] = patterns_now[slot]
+            costs[row] = schedules[row].cost
+            if not stop:
+                still_active.append(row)
+        # a class is done when it stops; until then s / (s + early_stop_patience) grows towards 1
+        on_step(
+            [
+                1.0 if row not in still_active else s.steps / (s.steps + config.early_stop_patience)
+                for row, s in enumerate(schedules)
+            ]
+        )
+        if len(still_active) < len(active):  # finished classes leave the batch
+            active = still_active
+
+    triggers = []
+    for row, target in enumerate(targets):
+        schedule = schedules[row]
+        mask = best_masks[row, 0].detach().float().cpu()
+        if schedule.best_l1 == math.inf:  # never met the threshold: report where the optimisation ended
+            mask = _to_unit(mask_raw[row, 0]).detach().float().cpu()
+            pattern = _to_unit(pattern_raw[row]).detach().float().cpu()
+        else:
+            pattern = best_patterns[row].detach().float().cpu()
+        triggers.append(
+            ClassTrigger(
+                target=target,
+                mask=mask,
+                pattern=pattern,
+                mask_l1=float(mask.sum()),
+                reached_threshold=schedule.best_l1 < math.inf,
+                steps=schedule.steps,
+            )
+        )
+    return triggers
+
+
+def reverse_engineer_triggers(
+    model: nn.Module,
+    images: Tensor,
+    num_classes: int,
+    config: NeuralCleanseConfig = NeuralCleanseConfig(),
+    *,
+    seed: int = 0,
+    classes: Sequence[int] | None = None,
+    progress: StepProgress | None = None,
+) -> list[ClassTrigger]:
+    """Find the minimal trigger of each class, ``chunk_size`` classes per forward/backward pass.
+
+    Args:
+        model: classifier taking (N, C, H, W) images in [0, 1]; eval mode. Runs on the device of ``images``.
+        images: clean samples (N, C, H, W) in [0, 1].
+        num_classes: K, the model's output size.
+        config: hyper-parameters.
+        seed: makes the run deterministic on the CPU (initial masks, sample order).
+        classes: which classes to reverse (default all K).
+        progress: called after every step with an estimate of the fraction done.
+
+    Returns:
+        One :class:`ClassTrigger` per class, in the order of ``classes``.
+    """
+    targets = list(range(num_classes)) if classes is None else list(classes)
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    if images.shape[0] > config.max_samples:
+        keep = torch.randperm(images.shape[0], generator=generator)[: config.max_samples]
+        images = images[keep.to(images.device)]
+    chunk = config.classes_per_chunk()
+    results: list[ClassTrigger] = []
+    for start in range(0, len(targets), chunk):
+        chunk_targets = targets[start : start + chunk]
+
+        def on_step(class_progress: list[float], chunk_targets: list[int] = chunk_targets) -> None:
+            if progress is not None:
+                done = len(results) + sum(class_progress)
+                progress(done / len(targets), f"reversing triggers for classes {chunk_targets[0]}-{chunk_targets[-1]}")
+
+        with torch.enable_grad():
+            results.extend(_optimise_chunk(model, images, chunk_targets, num_classes, config, seed, on_step))
+    model.train(was_training)
+    return results
+
+
+@dataclass(frozen=True)
+class NeuralCleanseResult:
+    """Per-class triggers and the outlier test over their L1 norms."""
+
+    triggers: list[ClassTrigger]
+    anomaly_indices: list[float]
+    flagged: list[bool]
+    attack_success_rates: list[float]
+    threshold: float
+    duration_s: float
+    steps_total: int = field(default=0)
+
+    @property
+    def flagged_classes(self) -> list[int]:
+        return [t.target for t, flag in zip(self.triggers, self.flagged, strict=True) if flag]
+
+
+@torch.no_grad()
+def _attack_success_rates(
+    model: nn.Module, images: Tensor, labels: Tensor, triggers: Sequence[ClassTrigger], batch_size: int = 512
+) -> list[float]:
+    """For each trigger: the fraction of samples of other classes that the stamped trigger sends to its class."""
+    rates = []
+    device = images.device
+    for trigger in triggers:
+        others = images[labels.to(device) != trigger.target]
+        if others.shape[0] == 0:
+            rates.append(float("nan"))
+            continue
+        mask = trigger.mask.to(device)
+        pattern = trigger.pattern.to(device)
+        hits = 0
+        for start in range(0, others.shape[0], batch_size):
+            stamped = (1 - mask) * others[start : start + batch_size] + mask * pattern
+            hits += int((model(stamped).argmax(dim=1) == trigger.target).sum())
+        rates.append(hits / others.shape[0])
+    return rates
+
+
+def neural_cleanse(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    config: NeuralCleanseConfig = NeuralCleanseConfig(),
+    *,
+    seed: int = 0,
+    progress: StepProgress | None = None,
+) -> NeuralCleanseResult:
+    """Run Neural Cleanse on a classifier.
+
+    Args:
+        model: classifier taking (N, C, H, W) images in [0, 1]; eval mode; on the device of ``images``.
+        images: clean, correctly labelled samples (N, C, H, W) in [0, 1].
+        labels: (N,) int64 labels of ``images``.
+        num_classes: K.
+        config: hyper-parameters.
+        seed: determinism on the CPU.
+        progress: ``progress(fraction, message)``.
+
+    Returns:
+        The triggers, anomaly indices, flags and the attack success rate of each reversed trigger.
+    """
+    started = time.perf_counter()
+    triggers = reverse_engineer_triggers(model, images, num_classes, config, seed=seed, progress=progress)
+    l1 = np.array([t.mask_l1 for t in triggers])
+    indices = anomaly_index(l1)
+    flagged = small_outliers(l1, config.anomaly_threshold)
+    rates = _attack_success_rates(model, images, labels, triggers)
+    return NeuralCleanseResult(
+        triggers=triggers,
+        anomaly_indices=[float(i) for i in indices],
+        flagged=[bool(f) for f in flagged],
+        attack_success_rates=rates,
+        threshold=config.anomaly_threshold,
+        duration_s=time.perf_counter() - started,
+        steps_total=sum(t.steps for t in triggers),
+    )
+
+
+def mask_png(values: Tensor) -> bytes:
+    """Encode a (H, W) mask or a (C, H, W) pattern in [0, 1] as an 8-bit PNG (for people, not statistics)."""
+    array = (values.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    if array.ndim == 3:
+        array = array[0] if array.shape[0] == 1 else np.transpose(array, (1, 2, 0))
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def png_base64(values: Tensor) -> str:
+    return base64.b64encode(mask_png(values)).decode("ascii")

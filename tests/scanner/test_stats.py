@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from scanner.stats import MAD_CONSISTENCY, anomaly_index, small_outliers
+
+
+def test_anomaly_index_on_hand_made_numbers() -> None:
+    # median 10, |x - 10| = [8, 2, 0, 1, 30], MAD = median(...) = 2, scaled MAD = 2 * 1.4826
+    values = [2.0, 8.0, 10.0, 11.0, 40.0]
+    expected = np.array([8.0, 2.0, 0.0, 1.0, 30.0]) / (2 * MAD_CONSISTENCY)
+    np.testing.assert_allclose(anomaly_index(values), expected)
+    assert small_outliers(values).tolist() == [True, False, False, False, False]  # 40 is large-side: never flagged
+
+
+def test_small_outliers_threshold_is_strict() -> None:
+    # x0 sits exactly at index 2: median 10, MAD 1 -> scaled 1.4826; 10 - 2 * 1.4826
+    values = [10.0 - 2 * MAD_CONSISTENCY, 9.0, 10.0, 11.0, 12.0]
+    np.testing.assert_allclose(anomaly_index(values)[0], 2.0)
+    assert not small_outliers(values, threshold=2.0)[0]
+    assert small_outliers(values, threshold=1.9)[0]
+
+
+def test_anomaly_index_even_count_uses_mean_of_middle_values() -> None:
+    values = [1.0, 3.0, 5.0, 7.0]  # median 4, deviations [3, 1, 1, 3] -> MAD 2
+    np.testing.assert_allclose(anomaly_index(values), np.array([3.0, 1.0, 1.0, 3.0]) / (2 * MAD_CONSISTENCY))
+
+
+def test_anomaly_index_zero_mad() -> None:
+    index = anomaly_index([5.0, 5.0, 5.0, 1.0])
+    assert index.tolist() == [0.0, 0.0, 0.0, np.inf]
+    assert small_outliers([5.0, 5.0, 5.0, 1.0]).tolist() == [False, False, False, True]
+
+
+@pytest.mark.parametrize("bad", [[], [1.0, float("nan")], [float("inf"), 1.0]])
+def test_anomaly_index_rejects_bad_input(bad: list[float]) -> None:
+    with pytest.raises(ValueError):
+        anomaly_index(bad)

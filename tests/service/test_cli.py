@@ -1,0 +1,161 @@
+"""``backdoor-scan scan``: exit codes, JSON verdicts, and refusals of unsafe or corrupt files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from service.cli import main
+from tests.malicious import EXPECTED_FINDINGS, MALICIOUS_BUILDERS
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def scan_json(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str, Any]]:
+    code, out, err = run_cli(["scan", *argv, "--format", "json", "--device", "cpu"], capsys)
+    assert code in (0, 1), err
+    return code, json.loads(out)
+
+
+@pytest.fixture(scope="module")
+def mnist_safetensors(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from scanner.architectures import build_architecture
+
+    torch.manual_seed(0)
+    model = build_architecture("mnist_cnn", 10)
+    path = tmp_path_factory.mktemp("st") / "weights.bin"  # the name says nothing: the bytes decide
+    save_file(model.state_dict(), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def mnist_pt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from scanner.architectures import build_architecture
+
+    torch.manual_seed(0)
+    model = build_architecture("mnist_cnn", 10).eval()
+    program = torch.export.export(
+        model, (torch.zeros(2, 1, 28, 28),), dynamic_shapes=({0: torch.export.Dim("batch")},)
+    )
+    path = tmp_path_factory.mktemp("pt2") / "model.pt2"
+    torch.export.save(program, path)
+    return path
+
+
+def test_scan_pt2_without_data_is_inconclusive(mnist_pt2: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, verdict = scan_json([str(mnist_pt2)], capsys)
+    assert code == 0
+    assert verdict["verdict"] == "inconclusive"
+    assert verdict["model"]["format"] == "pt2"
+    assert verdict["detectors"]["model_file"]["status"] == "ok"
+    assert verdict["detectors"]["model_file"]["findings"] == []
+    assert verdict["detectors"]["neural_cleanse"] == {"status": "skipped", "reason": "no clean samples given (data)"}
+    assert verdict["detectors"]["spectral_signatures"]["status"] == "skipped"
+    assert verdict["scanner"]["device"] == "cpu"
+    assert verdict["model"]["input_shape"] == [1, 28, 28]
+    assert verdict["model"]["num_classes"] == 10
+
+
+def test_scan_safetensors_with_arch(mnist_safetensors: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, verdict = scan_json([str(mnist_safetensors), "--arch", "mnist_cnn"], capsys)
+    assert code == 0
+    assert verdict["model"]["format"] == "safetensors"
+    assert verdict["model"]["num_classes"] == 10
+    assert verdict["model"]["input_shape"] == [1, 28, 28]
+
+
+def test_scan_text_report(mnist_safetensors: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(["scan", str(mnist_safetensors), "--arch", "mnist_cnn", "--device", "cpu"], capsys)
+    assert code == 0
+    assert out.startswith("weights.bin: INCONCLUSIVE")
+    assert "neural_cleanse: skipped (no clean samples given (data))" in out
+
+
+@pytest.mark.parametrize("name", sorted(MALICIOUS_BUILDERS))
+def test_scan_refuses_malicious_file(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    marker = tmp_path / "MARKER"
+    path = MALICIOUS_BUILDERS[name](tmp_path, marker)
+    code, out, err = run_cli(["scan", str(path), "--arch", "mnist_cnn", "--format", "json", "--device", "cpu"], capsys)
+    assert not marker.exists(), "the payload ran"
+    if code == 2:  # corrupt input is refused as an error with a stable code
+        assert "[corrupt_file]" in err or "[unsupported_format]" in err, err
+        return
+    assert code == 1, err
+    verdict = json.loads(out)
+    assert verdict["verdict"] == "unsafe_file"
+    member, global_name = EXPECTED_FINDINGS[name]
+    findings = verdict["detectors"]["model_file"]["findings"]
+    assert any(global_name in named for f in findings for named in f["globals"]), findings
+    assert verdict["detectors"]["neural_cleanse"]["status"] == "skipped"
+
+
+@pytest.mark.parametrize(
+    ("content", "code"),
+    [
+        (b"", "empty_file"),
+        (b"\x00garbage that is no model at all" * 10, "unsupported_format"),
+        (b"PK\x03\x04truncated zip", "corrupt_file"),
+    ],
+)
+def test_scan_bad_file_exits_2_with_code(
+    content: bytes, code: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+    status, out, err = run_cli(["scan", str(path), "--arch", "mnist_cnn"], capsys)
+    assert status == 2
+    assert out == ""
+    assert err.strip().splitlines()[-1].startswith(f"backdoor-scan: error [{code}]: ")
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "code"),
+    [
+        (["--arch", "no_such_net"], "unknown_architecture"),
+        ([], "unknown_architecture"),  # a state_dict needs --arch
+        (["--arch", "mnist_cnn", "--num-classes", "7"], "state_dict_mismatch"),
+        (["--arch", "mnist_cnn", "--input-shape", "1,28"], "invalid_option"),
+        (["--arch", "mnist_cnn", "--mean", "0.5"], "invalid_option"),  # mean without std
+        (["--arch", "mnist_cnn", "--device", "tpu"], "invalid_option"),
+        (["--arch", "mnist_cnn", "--format", "xml"], "invalid_option"),
+        (["--arch", "mnist_cnn", "--data", "/no/such/file.npz"], "invalid_option"),
+    ],
+)
+def test_scan_bad_options_exit_2_with_code(
+    argv: list[str], code: str, mnist_safetensors: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, err = run_cli(["scan", str(mnist_safetensors), *argv], capsys)
+    assert status == 2
+    assert f"backdoor-scan: error [{code}]: " in err
+    assert "Traceback" not in err
+
+
+def test_console_script_exit_codes(tmp_path: Path) -> None:
+    """The installed entry point, in its own process: 1 for an unsafe file, 2 for a missing --arch."""
+    marker = tmp_path / "MARKER"
+    unsafe = MALICIOUS_BUILDERS["os_system"](tmp_path, marker)
+    done = subprocess.run(
+        [sys.executable, "-m", "service.cli", "scan", str(unsafe), "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stderr
+    assert json.loads(done.stdout)["verdict"] == "unsafe_file"
+    assert not marker.exists()
