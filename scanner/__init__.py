@@ -10,11 +10,11 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+unknown"
 
-from scanner.config import DataLimits, ModelOptions, ScanConfig  # noqa: E402
-from scanner.device import resolve_device  # noqa: E402
-from scanner.errors import ScannerError  # noqa: E402
-from scanner.pipeline import scan  # noqa: E402
-from scanner.verdict import Verdict, VerdictLabel  # noqa: E402
+from scanner.config import DataLimits, ModelOptions, ScanConfig
+from scanner.device import resolve_device
+from scanner.errors import ScannerError
+from scanner.pipeline import scan
+from scanner.verdict import Verdict, VerdictLabel
 
 __all__ = [
     "DataLimits",

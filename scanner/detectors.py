@@ -52,6 +52,11 @@ def _npy(array: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
+def _rounded(value: float) -> float | None:
+    """JSON has no inf/nan: such values become null."""
+    return round(value, 4) if np.isfinite(value) else None
+
+
 def _needs_clean(inputs: ScanInputs) -> str | None:
     return None if inputs.clean is not None else "no clean samples given (data)"
 
@@ -75,15 +80,21 @@ def _run_neural_cleanse(inputs: ScanInputs) -> DetectorResult:
     )
     classes = []
     artifacts: dict[str, bytes] = {}
-    for trigger, index, flagged, rate in zip(
-        result.triggers, result.anomaly_indices, result.flagged, result.attack_success_rates, strict=True
+    for trigger, index, index_l1, flagged, rate in zip(
+        result.triggers,
+        result.anomaly_indices,
+        result.anomaly_indices_l1,
+        result.flagged,
+        result.attack_success_rates,
+        strict=True,
     ):
         stem = f"nc-class-{trigger.target}"
         entry: dict[str, object] = {
             "class": trigger.target,
             "mask_l1": round(trigger.mask_l1, 4),
-            "anomaly_index": round(index, 4) if np.isfinite(index) else None,
-            "attack_success_rate": round(rate, 4) if np.isfinite(rate) else None,
+            "anomaly_index": _rounded(index),
+            "anomaly_index_l1": _rounded(index_l1),
+            "attack_success_rate": _rounded(rate),
             "reached_threshold": trigger.reached_threshold,
             "steps": trigger.steps,
             "flagged": flagged,
@@ -106,7 +117,13 @@ def _run_neural_cleanse(inputs: ScanInputs) -> DetectorResult:
         status=DetectorStatus.OK,
         flagged_classes=tuple(result.flagged_classes),
         details={
-            "threshold": result.threshold,
+            "threshold": round(result.threshold, 4),
+            "threshold_rule": (
+                "fixed"
+                if inputs.config.neural_cleanse.anomaly_threshold is not None
+                else f"calibrated: {inputs.config.neural_cleanse.false_positive_rate:g} false-positive rate "
+                f"for {inputs.num_classes} classes"
+            ),
             "samples_used": int(min(len(images), inputs.config.neural_cleanse.max_samples)),
             "classes": classes,
         },

@@ -12,20 +12,20 @@ if TYPE_CHECKING:
     from scanner.model_file import ModelFileReport
 
 __all__ = [
-    "ScannerError",
-    "InvalidOptionError",
-    "EmptyFileError",
-    "UnsupportedFormatError",
+    "AllowlistUnavailableError",
     "CorruptFileError",
-    "UnsafeFileError",
-    "TrustRequiredError",
-    "UnknownArchitectureError",
-    "StateDictMismatchError",
-    "InvalidDataError",
     "DataModelMismatchError",
     "DeviceUnavailableError",
+    "EmptyFileError",
+    "InvalidDataError",
+    "InvalidOptionError",
     "ScanCancelled",
-    "AllowlistUnavailableError",
+    "ScannerError",
+    "StateDictMismatchError",
+    "TrustRequiredError",
+    "UnknownArchitectureError",
+    "UnsafeFileError",
+    "UnsupportedFormatError",
 ]
 
 

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import Any, Self
 
 import torch
 from torch import Tensor, nn
@@ -47,16 +47,20 @@ from scanner.errors import (
     UnsafeFileError,
     UnsupportedFormatError,
 )
-
-if TYPE_CHECKING:
-    from scanner.model_file import ModelFileReport
+from scanner.model_file import (
+    LEGACY_MAGIC_NUMBER,
+    FindingKind,
+    ModelFileReport,
+    PickleFinding,
+    allowed_graph_callable,
+    scan_model_file,
+)
 
 __all__ = ["ExportedClassifier", "LoadedModel", "ModelFormat", "detect_format", "load_model"]
 
 logger = logging.getLogger(__name__)
 
 _ZIP_MAGIC = b"PK\x03\x04"
-_LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 _MAX_SAFETENSORS_HEADER = 100 * 1024**2
 _SAFETENSORS_ITEMSIZE = {
     "BOOL": 1,
@@ -232,7 +236,7 @@ def _is_legacy_magic(head: bytes) -> bool:
         ]
     except (ValueError, EOFError):
         return False
-    return values == [_LEGACY_MAGIC_NUMBER]
+    return values == [LEGACY_MAGIC_NUMBER]
 
 
 def load_model(path: Path, options: ModelOptions, device: torch.device) -> LoadedModel:
@@ -258,8 +262,6 @@ def load_model(path: Path, options: ModelOptions, device: torch.device) -> Loade
         InvalidOptionError: ``num_classes`` disagrees with the model's output.
         DeviceUnavailableError: the model cannot be moved to ``device``.
     """
-    from scanner.model_file import scan_model_file
-
     report = scan_model_file(path)
     if report.findings:
         shown = "; ".join(f"{finding.member}: {finding.message}" for finding in report.findings[:3])
@@ -335,8 +337,6 @@ def _check_graph_targets(program: torch.export.ExportedProgram, report: ModelFil
     Raises:
         UnsafeFileError: a node calls anything else (its report names the target).
     """
-    from scanner.model_file import FindingKind, PickleFinding, allowed_graph_callable
-
     for graph_module in program.graph_module.modules():
         if not isinstance(graph_module, torch.fx.GraphModule):
             continue

@@ -33,7 +33,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from scanner.config import NeuralCleanseConfig
-from scanner.stats import anomaly_index, small_outliers
+from scanner.stats import anomaly_index, null_max_index_quantile, small_outliers
 
 __all__ = [
     "ClassTrigger",
@@ -41,9 +41,11 @@ __all__ = [
     "NeuralCleanseResult",
     "mask_png",
     "neural_cleanse",
+    "decision_threshold",
     "reverse_engineer_triggers",
 ]
 
+_MIN_L1 = 1e-3  # a mask of (almost) no pixels: keeps log(L1) finite
 _EPSILON = 1e-7  # keeps tanh-space parameters finite when a mask value starts at exactly 0 or 1
 
 #: ``progress(fraction, message)`` with fraction in [0, 1] of the whole reverse-engineering.
@@ -295,10 +297,15 @@ def reverse_engineer_triggers(
 
 @dataclass(frozen=True)
 class NeuralCleanseResult:
-    """Per-class triggers and the outlier test over their L1 norms."""
+    """Per-class triggers and the outlier test over their L1 norms.
+
+    ``anomaly_indices`` are the ones flags are decided on (on ``config.anomaly_scale``); ``anomaly_indices_l1``
+    are the paper's, on raw L1 norms, reported for comparison.
+    """
 
     triggers: list[ClassTrigger]
     anomaly_indices: list[float]
+    anomaly_indices_l1: list[float]
     flagged: list[bool]
     attack_success_rates: list[float]
     threshold: float
@@ -358,19 +365,31 @@ def neural_cleanse(
     """
     started = time.perf_counter()
     triggers = reverse_engineer_triggers(model, images, num_classes, config, seed=seed, progress=progress)
-    l1 = np.array([t.mask_l1 for t in triggers])
-    indices = anomaly_index(l1)
-    flagged = small_outliers(l1, config.anomaly_threshold)
+    l1 = np.array([max(t.mask_l1, _MIN_L1) for t in triggers])
+    statistic = np.log(l1) if config.anomaly_scale == "log" else l1
+    indices = anomaly_index(statistic)
+    threshold = decision_threshold(config, len(triggers))
+    flagged = small_outliers(statistic, threshold)
     rates = _attack_success_rates(model, images, labels, triggers)
     return NeuralCleanseResult(
         triggers=triggers,
         anomaly_indices=[float(i) for i in indices],
+        anomaly_indices_l1=[float(i) for i in anomaly_index(l1)],
         flagged=[bool(f) for f in flagged],
         attack_success_rates=rates,
-        threshold=config.anomaly_threshold,
+        threshold=threshold,
         duration_s=time.perf_counter() - started,
         steps_total=sum(t.steps for t in triggers),
     )
+
+
+def decision_threshold(config: NeuralCleanseConfig, num_classes: int) -> float:
+    """The anomaly index above which a small-side class is flagged: fixed, or calibrated to ``num_classes``."""
+    if config.anomaly_threshold is not None:
+        return config.anomaly_threshold
+    if num_classes < 3:  # a median and MAD of two values say nothing: fall back to the paper's threshold
+        return 2.0
+    return null_max_index_quantile(num_classes, config.false_positive_rate)
 
 
 def mask_png(values: Tensor) -> bytes:

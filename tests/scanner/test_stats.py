@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scanner.stats import MAD_CONSISTENCY, anomaly_index, small_outliers
+from scanner.stats import MAD_CONSISTENCY, anomaly_index, null_max_index_quantile, small_outliers
 
 
 def test_anomaly_index_on_hand_made_numbers() -> None:
@@ -37,3 +37,24 @@ def test_anomaly_index_zero_mad() -> None:
 def test_anomaly_index_rejects_bad_input(bad: list[float]) -> None:
     with pytest.raises(ValueError):
         anomaly_index(bad)
+
+
+def test_null_quantile_matches_its_false_positive_rate() -> None:
+    threshold = null_max_index_quantile(10, 0.05)
+    assert 3.0 < threshold < 5.0  # well above the paper's fixed 2 for 10 classes
+    rng = np.random.default_rng(123)  # fresh draws, not the ones it was calibrated on
+    hits = sum(bool(small_outliers(rng.standard_normal(10), threshold).any()) for _ in range(4000))
+    assert 0.03 < hits / 4000 < 0.07
+    assert null_max_index_quantile(10, 0.01) > threshold
+
+
+def test_fixed_threshold_two_flags_a_third_of_outlier_free_samples() -> None:
+    rng = np.random.default_rng(7)
+    hits = sum(bool(small_outliers(rng.standard_normal(10), 2.0).any()) for _ in range(4000))
+    assert 0.25 < hits / 4000 < 0.4
+
+
+@pytest.mark.parametrize(("count", "rate"), [(2, 0.05), (10, 0.0), (10, 1.0)])
+def test_null_quantile_rejects_bad_arguments(count: int, rate: float) -> None:
+    with pytest.raises(ValueError):
+        null_max_index_quantile(count, rate)

@@ -1,0 +1,194 @@
+"""Neural Cleanse on real models trained at test time: the BadNets model is flagged with its target, the clean
+one is not, and the batched optimisation agrees with the sequential one (chunk size 1, the same code)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from scanner.config import NeuralCleanseConfig
+from scanner.datasets import MnistSplit
+from scanner.errors import InvalidOptionError
+from scanner.neural_cleanse import (
+    ClassTrigger,
+    NeuralCleanseResult,
+    _Schedule,
+    neural_cleanse,
+    reverse_engineer_triggers,
+)
+from tests.factories import BadNetsModel
+
+SAMPLES = 200  # clean samples given to the detector: 20 per class
+
+
+def clean_samples(mnist: MnistSplit) -> tuple[torch.Tensor, torch.Tensor]:
+    return mnist.test_images[:SAMPLES], mnist.test_labels[:SAMPLES]
+
+
+@pytest.fixture(scope="module")
+def backdoored_result(badnets: BadNetsModel, mnist: MnistSplit) -> NeuralCleanseResult:
+    images, labels = clean_samples(mnist)
+    return neural_cleanse(badnets.model, images, labels, 10, seed=0)
+
+
+@pytest.fixture(scope="module")
+def clean_result(clean_model: nn.Module, mnist: MnistSplit) -> NeuralCleanseResult:
+    images, labels = clean_samples(mnist)
+    return neural_cleanse(clean_model, images, labels, 10, seed=0)
+
+
+def test_backdoored_model_is_flagged_with_its_target(
+    backdoored_result: NeuralCleanseResult, badnets: BadNetsModel
+) -> None:
+    result = backdoored_result
+    assert result.flagged_classes == [badnets.target]
+    target = result.triggers[badnets.target]
+    assert target.reached_threshold
+    assert result.anomaly_indices[badnets.target] > result.threshold
+    # the reversed trigger is about as small as the real 3x3 patch and clearly smaller than any other class's
+    assert target.mask_l1 < 15
+    assert all(t.mask_l1 > 2 * target.mask_l1 for t in result.triggers if t.target != badnets.target)
+    assert result.attack_success_rates[badnets.target] > 0.9
+
+
+def test_reversed_trigger_sits_where_the_real_one_is(
+    backdoored_result: NeuralCleanseResult, badnets: BadNetsModel
+) -> None:
+    mask = backdoored_result.triggers[badnets.target].mask
+    real = badnets.trigger.mask > 0
+    inside = float(mask[real].sum())
+    assert inside / float(mask.sum()) > 0.5, "most of the reversed mask should cover the real patch"
+
+
+def test_clean_model_is_not_flagged(clean_result: NeuralCleanseResult) -> None:
+    assert clean_result.flagged_classes == []
+    assert all(t.reached_threshold for t in clean_result.triggers)
+    small_side = [
+        index
+        for index, t in zip(clean_result.anomaly_indices, clean_result.triggers, strict=True)
+        if t.mask_l1 < sorted(x.mask_l1 for x in clean_result.triggers)[5]
+    ]
+    assert max(small_side) < clean_result.threshold
+
+
+def test_result_shapes_and_ranges(backdoored_result: NeuralCleanseResult) -> None:
+    for k, trigger in enumerate(backdoored_result.triggers):
+        assert trigger.target == k
+        assert trigger.mask.shape == (28, 28)
+        assert trigger.pattern.shape == (1, 28, 28)
+        assert trigger.mask.dtype == torch.float32
+        assert 0.0 <= float(trigger.mask.min()) and float(trigger.mask.max()) <= 1.0
+        assert math.isclose(trigger.mask_l1, float(trigger.mask.sum()), rel_tol=1e-5)
+        assert trigger.steps >= 1
+    assert len(backdoored_result.anomaly_indices_l1) == 10
+
+
+def test_batched_and_sequential_agree(badnets: BadNetsModel, mnist: MnistSplit) -> None:
+    """Chunk size 1 is the sequential algorithm run by the same code: same start, same sample order."""
+    images, _ = clean_samples(mnist)
+    classes = [badnets.target, 1, 7]
+    config = NeuralCleanseConfig(max_steps=120)
+    batched = reverse_engineer_triggers(badnets.model, images, 10, config, seed=3, classes=classes)
+    sequential = reverse_engineer_triggers(
+        badnets.model, images, 10, NeuralCleanseConfig(max_steps=120, chunk_size=1), seed=3, classes=classes
+    )
+    for one, other in zip(batched, sequential, strict=True):
+        assert one.target == other.target
+        assert one.reached_threshold == other.reached_threshold
+        assert one.mask_l1 == pytest.approx(other.mask_l1, rel=0.05)
+        assert torch.allclose(one.mask, other.mask, atol=0.05)
+
+
+def test_deterministic_for_a_seed(badnets: BadNetsModel, mnist: MnistSplit) -> None:
+    images, _ = clean_samples(mnist)
+    config = NeuralCleanseConfig(max_steps=30)
+    first = reverse_engineer_triggers(badnets.model, images, 10, config, seed=1, classes=[0, 4])
+    second = reverse_engineer_triggers(badnets.model, images, 10, config, seed=1, classes=[0, 4])
+    for one, other in zip(first, second, strict=True):
+        assert torch.equal(one.mask, other.mask)
+        assert torch.equal(one.pattern, other.pattern)
+
+
+def test_progress_is_reported_and_monotone(badnets: BadNetsModel, mnist: MnistSplit) -> None:
+    images, _ = clean_samples(mnist)
+    seen: list[float] = []
+    reverse_engineer_triggers(
+        badnets.model,
+        images,
+        10,
+        NeuralCleanseConfig(max_steps=20, chunk_size=2),
+        classes=[0, 1, 2, 3],
+        progress=lambda fraction, message: seen.append(fraction),
+    )
+    assert seen, "no progress reported"
+    assert all(0.0 <= f <= 1.0 for f in seen)
+    assert seen == sorted(seen)
+    assert seen[-1] == pytest.approx(1.0)
+
+
+def _run_schedule(config: NeuralCleanseConfig, successes: list[float], l1s: list[float]) -> _Schedule:
+    schedule = _Schedule(config)
+    for success, l1 in zip(successes, l1s, strict=True):
+        schedule.update(success, l1)
+    return schedule
+
+
+def test_schedule_sets_cost_after_patience_successes() -> None:
+    config = NeuralCleanseConfig.original_schedule()
+    schedule = _run_schedule(config, [1.0] * 4, [100.0] * 4)
+    assert schedule.cost == 0.0
+    schedule.update(1.0, 100.0)
+    assert schedule.cost == config.init_cost
+    for _ in range(5):
+        schedule.update(1.0, 90.0)
+    assert schedule.cost == pytest.approx(config.init_cost * 1.5)
+    for _ in range(5):
+        schedule.update(0.5, 90.0)
+    assert schedule.cost == pytest.approx(config.init_cost * 1.5 / 1.5**1.5)
+    assert schedule.went_up and schedule.went_down
+
+
+def test_schedule_keeps_only_masks_that_met_the_threshold() -> None:
+    schedule = _Schedule(NeuralCleanseConfig())
+    assert schedule.update(0.98, 10.0) == (False, False)  # below 0.99: not a valid mask, however small
+    assert schedule.best_l1 == math.inf
+    assert schedule.update(0.995, 50.0)[0]
+    assert not schedule.update(1.0, 60.0)[0]  # valid but larger: the best stays
+    assert schedule.best_l1 == 50.0
+
+
+def test_schedule_early_stop_needs_both_directions_and_patience() -> None:
+    config = NeuralCleanseConfig.original_schedule(early_stop_patience=3)
+    schedule = _Schedule(config)
+    stops = [schedule.update(1.0, 50.0)[1] for _ in range(40)]  # always succeeds: cost only goes up
+    assert not any(stops)
+    stops = [schedule.update(0.0, 50.0)[1] for _ in range(5)]  # five failures: cost goes down once
+    assert not any(stops)  # the stop check comes before this step's cost change, as in the original
+    assert schedule.update(0.0, 50.0)[1]
+
+
+def test_schedule_stops_at_max_steps() -> None:
+    schedule = _Schedule(NeuralCleanseConfig(max_steps=3))
+    assert [schedule.update(0.0, 1.0)[1] for _ in range(3)] == [False, False, True]
+
+
+def test_invalid_config_is_refused() -> None:
+    with pytest.raises(InvalidOptionError) as info:
+        NeuralCleanseConfig(attack_success_threshold=1.5, chunk_size=0)
+    assert info.value.code == "invalid_option"
+    assert "attack_success_threshold" in info.value.detail and "chunk_size" in info.value.detail
+
+
+def test_chunks_follow_the_memory_budget() -> None:
+    assert NeuralCleanseConfig(batch_size=32, max_images_per_forward=320).classes_per_chunk() == 10
+    assert NeuralCleanseConfig(batch_size=64, max_images_per_forward=32).classes_per_chunk() == 1
+    assert NeuralCleanseConfig(chunk_size=3).classes_per_chunk() == 3
+
+
+def test_class_trigger_is_frozen() -> None:
+    trigger = ClassTrigger(0, torch.zeros(2, 2), torch.zeros(1, 2, 2), 0.0, True, 1)
+    with pytest.raises(AttributeError):
+        trigger.target = 1  # type: ignore[misc]
