@@ -39,9 +39,9 @@ __all__ = [
     "ClassTrigger",
     "NeuralCleanseConfig",
     "NeuralCleanseResult",
+    "decision_threshold",
     "mask_png",
     "neural_cleanse",
-    "decision_threshold",
     "reverse_engineer_triggers",
 ]
 
@@ -196,7 +196,7 @@ def _optimise_chunk(
             l1 = mask.sum(dim=(1, 2, 3))
             loss = (cross_entropy.mean(dim=1) + costs[rows] * l1).sum()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            torch.autograd.backward(loss)
             optimizer.step()
             hits = (logits.detach().argmax(dim=2) == wanted.unsqueeze(1)).float().mean(dim=1)
             history[torch.tensor(active), seen % window] = hits.cpu()

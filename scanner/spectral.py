@@ -318,7 +318,8 @@ def _fit_two_gaussians(projections: list[torch.Tensor]) -> list[_MixtureFit]:
         mass = both.sum(-1).clamp_min(1e-9)  # (K, I, 2)
         means = torch.einsum("kicn,knd->kicd", both, z) / mass[..., None]
         diff = z[:, None, None] - means[..., None, :]  # (K, I, 2, n, d)
-        cov = torch.einsum("kicn,kicnd,kicne->kicde", both, diff, diff) / mass[..., None, None] + ridge
+        pooled = torch.einsum("kicn,kicnd,kicne->kide", both, diff, diff) / counts[:, None, None, None]
+        cov = (pooled + ridge[:, :, 0])[:, :, None].expand(-1, -1, 2, -1, -1)
         chol = torch.linalg.cholesky(cov)
         solved = torch.linalg.solve_triangular(chol, diff.transpose(-1, -2), upper=False)
         distance = (solved**2).sum(-2)  # (K, I, 2, n)

@@ -53,7 +53,7 @@ def small_outliers(values: Sequence[float] | npt.NDArray[np.float64], threshold:
 
 @functools.lru_cache(maxsize=64)
 def null_max_index_quantile(count: int, false_positive_rate: float, simulations: int = 20_000) -> float:
-    """The small-side anomaly index that ``count`` values without any outlier exceed with probability ``false_positive_rate``.
+    """The small-side anomaly index that ``count`` outlier-free values exceed with probability ``false_positive_rate``.
 
     A fixed threshold ignores how many classes are tested and how noisy a median/MAD from ``count`` values is:
     for 10 normally distributed values, the largest small-side index exceeds 2 a third of the time. This

@@ -80,7 +80,8 @@ def test_result_shapes_and_ranges(backdoored_result: NeuralCleanseResult) -> Non
         assert trigger.mask.shape == (28, 28)
         assert trigger.pattern.shape == (1, 28, 28)
         assert trigger.mask.dtype == torch.float32
-        assert 0.0 <= float(trigger.mask.min()) and float(trigger.mask.max()) <= 1.0
+        assert float(trigger.mask.min()) >= 0.0
+        assert float(trigger.mask.max()) <= 1.0
         assert math.isclose(trigger.mask_l1, float(trigger.mask.sum()), rel_tol=1e-5)
         assert trigger.steps >= 1
     assert len(backdoored_result.anomaly_indices_l1) == 10
@@ -148,7 +149,8 @@ def test_schedule_sets_cost_after_patience_successes() -> None:
     for _ in range(5):
         schedule.update(0.5, 90.0)
     assert schedule.cost == pytest.approx(config.init_cost * 1.5 / 1.5**1.5)
-    assert schedule.went_up and schedule.went_down
+    assert schedule.went_up
+    assert schedule.went_down
 
 
 def test_schedule_keeps_only_masks_that_met_the_threshold() -> None:
@@ -179,7 +181,8 @@ def test_invalid_config_is_refused() -> None:
     with pytest.raises(InvalidOptionError) as info:
         NeuralCleanseConfig(attack_success_threshold=1.5, chunk_size=0)
     assert info.value.code == "invalid_option"
-    assert "attack_success_threshold" in info.value.detail and "chunk_size" in info.value.detail
+    assert "attack_success_threshold" in info.value.detail
+    assert "chunk_size" in info.value.detail
 
 
 def test_chunks_follow_the_memory_budget() -> None:

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from scanner.datasets import MnistSplit
 from service.cli import main
+from tests.factories import BadNetsModel, to_uint8, write_npz
 from tests.malicious import EXPECTED_FINDINGS, MALICIOUS_BUILDERS
 
 
@@ -159,3 +163,56 @@ def test_console_script_exit_codes(tmp_path: Path) -> None:
     assert done.returncode == 1, done.stderr
     assert json.loads(done.stdout)["verdict"] == "unsafe_file"
     assert not marker.exists()
+
+
+def test_scan_with_data_flags_the_backdoor(
+    badnets: BadNetsModel, mnist: MnistSplit, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """End to end: a BadNets model exported as .pt2 plus 200 clean samples -> exit 1, target class flagged."""
+    program = torch.export.export(
+        badnets.model, (mnist.test_images[:2],), dynamic_shapes=({0: torch.export.Dim("batch")},)
+    )
+    model_path = tmp_path / "badnets.pt2"
+    torch.export.save(program, model_path)
+    data = write_npz(tmp_path / "clean.npz", to_uint8(mnist.test_images[:200]), mnist.test_labels[:200].numpy())
+    artifacts = tmp_path / "artifacts"
+    code, verdict = scan_json([str(model_path), "--data", str(data), "--artifacts", str(artifacts)], capsys)
+    assert code == 1
+    assert verdict["verdict"] == "backdoored"
+    assert verdict["flagged_classes"] == [badnets.target]
+    nc = verdict["detectors"]["neural_cleanse"]
+    assert nc["status"] == "ok"
+    assert nc["flagged_classes"] == [badnets.target]
+    flagged = next(c for c in nc["classes"] if c["class"] == badnets.target)
+    assert flagged["flagged"] is True
+    assert flagged["mask"]["shape"] == [28, 28]
+    assert base64.b64decode(flagged["mask"]["png_base64"]).startswith(b"\x89PNG")
+    assert all("mask" not in c for c in nc["classes"] if not c["flagged"])  # full masks only in artifacts
+    assert (artifacts / "verdict.json").is_file()
+    for k in range(10):
+        assert (artifacts / f"nc-class-{k}-mask.png").read_bytes().startswith(b"\x89PNG")
+        mask = np.load(artifacts / f"nc-class-{k}-mask.npy", allow_pickle=False)
+        assert mask.shape == (28, 28)
+    assert json.loads((artifacts / "verdict.json").read_text()) == verdict
+
+
+def test_scan_with_data_passes_the_clean_model(
+    clean_model: torch.nn.Module, mnist: MnistSplit, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model_path = tmp_path / "clean.safetensors"
+    save_file({f"module.{k}": v for k, v in clean_model.state_dict().items()}, str(model_path))  # DataParallel
+    data = write_npz(tmp_path / "clean.npz", to_uint8(mnist.test_images[:200]), mnist.test_labels[:200].numpy())
+    code, verdict = scan_json([str(model_path), "--arch", "mnist_cnn", "--data", str(data)], capsys)
+    assert code == 0
+    assert verdict["verdict"] == "clean"
+    assert verdict["flagged_classes"] == []
+    assert verdict["detectors"]["neural_cleanse"]["flagged_classes"] == []
+
+
+def test_scan_data_that_does_not_fit_the_model(
+    mnist_safetensors: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = write_npz(tmp_path / "rgb.npz", np.zeros((4, 3, 32, 32), dtype=np.uint8), np.zeros(4, dtype=np.int64))
+    status, _, err = run_cli(["scan", str(mnist_safetensors), "--arch", "mnist_cnn", "--data", str(data)], capsys)
+    assert status == 2
+    assert "[data_model_mismatch]" in err

