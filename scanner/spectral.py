@@ -104,7 +104,7 @@ class SpectralConfig:
     shrinkage: float = 0.1
     threshold: float = 5.0
     max_features: int = 256
-    probe_samples: int = 32
+    probe_samples: int = 64
     probe_blends: int = 8
     max_listed: int = 100
     batch_size: int = 512
@@ -427,9 +427,9 @@ def detect_poisoned_samples(
             continue
         scores = []
         for posterior in (split.posterior, 1.0 - split.posterior):
-            top = posterior.argsort(descending=True)[: config.probe_samples]
-            top = top[posterior[top] > 0.5]
-            probes = images[split.indices[top].to(images.device)]
+            candidates = torch.nonzero(posterior > 0.5).squeeze(1)
+            chosen = candidates[torch.randperm(len(candidates), generator=generator)[: config.probe_samples]]
+            probes = images[split.indices[chosen].to(images.device)]
             scores.append(
                 trigger_persistence(
                     model,
