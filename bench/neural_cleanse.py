@@ -11,7 +11,7 @@ in the same process, one after the other, and prints a markdown table with the s
 Clean models are scanned with several seeds. ``--decompose`` also times batched+original schedule and
 sequential+new schedule, to show how much of the speed-up is batching and how much the schedule.
 
-    .venv/bin/python bench/neural_cleanse.py [--threads 2] [--samples 300] [--decompose] [--quick]
+    .venv/bin/python bench/neural_cleanse.py [--threads 2] [--samples 300] [--decompose] [--quick] [--only A,B]
 """
 
 from __future__ import annotations
@@ -142,6 +142,7 @@ def main() -> None:
     parser.add_argument("--decompose", action="store_true", help="also time batched+original, sequential+new")
     parser.add_argument("--quick", action="store_true", help="first backdoored and first clean model only")
     parser.add_argument("--detection-only", action="store_true", help="batched only: no timing comparison")
+    parser.add_argument("--only", help="comma-separated zoo model names to run (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -157,6 +158,8 @@ def main() -> None:
         configs["sequential+new-schedule"] = replace(fast, chunk_size=1)
 
     zoo = [ZOO[0], ZOO[5]] if args.quick else list(ZOO)
+    if args.only:
+        zoo = [entry for entry in zoo if entry.name in args.only.split(",")]
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.samples} clean samples, "
         f"threshold {fast.anomaly_threshold or 'calibrated'} (fpr {fast.false_positive_rate}), "

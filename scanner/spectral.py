@@ -73,8 +73,11 @@ MIN_CLASSES = 3
 #: Mixture fits start from hard splits at these quantiles of each direction (small tails to halves).
 _INIT_QUANTILES = (0.02, 0.1, 0.5, 0.9, 0.98)
 _EM_STEPS = 60
-#: Ridge added to each component covariance, relative to the class's mean variance per direction.
+#: Ridge added to the components' covariance, relative to the class's mean variance per direction.
 _COMPONENT_RIDGE = 1e-3
+#: Fits whose smaller component holds less than this share of the class (or this many samples) are discarded.
+_MIN_COMPONENT_FRACTION = 0.01
+_MIN_COMPONENT_SAMPLES = 5
 #: STRIP blends half of the input with half of another image.
 _BLEND_WEIGHT = 0.5
 _ARTIFACT_NAME = "spectral-suspicious.json"
@@ -328,15 +331,22 @@ def _fit_two_gaussians(projections: list[torch.Tensor]) -> list[_MixtureFit]:
         log_joint = log_prior[..., None] - 0.5 * (distance + log_det[..., None] + dims * math.log(2 * math.pi))
         log_likelihood = torch.logsumexp(log_joint, dim=2)  # (K, I, n)
         resp = torch.exp(log_joint[:, :, 1] - log_likelihood)
-    best = ((log_likelihood * weight[:, None]).sum(-1)).argmax(1)  # (K,)
+    # A component below the minimum size is an outlier or two, not a sub-population: such fits do not count.
+    minimum = (_MIN_COMPONENT_FRACTION * counts).clamp_min(_MIN_COMPONENT_SAMPLES)
+    valid = mass.min(-1).values >= minimum[:, None]  # (K, I)
+    total = (log_likelihood * weight[:, None]).sum(-1).masked_fill(~valid, -math.inf)
+    best = total.argmax(1)  # (K,)
     pick = torch.arange(classes, device=device)
-    means, cov, resp = means[pick, best], cov[pick, best], resp[pick, best]  # (K, 2, d), (K, 2, d, d), (K, n)
+    means, cov, resp = means[pick, best], cov[pick, best, 0], resp[pick, best]  # (K, 2, d), (K, d, d), (K, n)
     gap = means[:, 1] - means[:, 0]
-    direction = torch.linalg.solve(cov.mean(1), gap)  # (K, d): the discriminant
-    separation = torch.sqrt((gap * direction).sum(1))
+    direction = torch.linalg.solve(cov, gap)  # (K, d): the discriminant
+    separation = torch.sqrt((gap * direction).sum(1)).clamp_min(torch.finfo(dtype).tiny)
     along = torch.einsum("knd,kd->kn", z - means[:, None, 0], direction) / separation[:, None] ** 2
+    split = valid.any(1)
     return [
         _MixtureFit(separation=float(separation[k]), posterior=resp[k, : len(p)], poison_score=along[k, : len(p)])
+        if split[k]
+        else _MixtureFit(separation=0.0, posterior=torch.zeros_like(resp[k, : len(p)]), poison_score=along[k, : len(p)])
         for k, p in enumerate(projections)
     ]
 

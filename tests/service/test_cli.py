@@ -216,3 +216,17 @@ def test_scan_data_that_does_not_fit_the_model(
     status, _, err = run_cli(["scan", str(mnist_safetensors), "--arch", "mnist_cnn", "--data", str(data)], capsys)
     assert status == 2
     assert "[data_model_mismatch]" in err
+
+
+def test_scan_torchscript_needs_trust_code(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from scanner.architectures import build_architecture
+
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(build_architecture("mnist_cnn", 10).eval()), str(path))
+    status, _, err = run_cli(["scan", str(path), "--input-shape", "1,28,28"], capsys)
+    assert status == 2
+    assert "[trust_required]" in err
+    code, verdict = scan_json([str(path), "--input-shape", "1,28,28", "--trust-code"], capsys)
+    assert code == 0
+    assert verdict["model"]["format"] == "torchscript"
+    assert verdict["model"]["num_classes"] == 10
