@@ -352,7 +352,8 @@ def main() -> None:
         art_note = f"ART: skipped ({art_python} not found; see the module docstring)"
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{len(split.train_labels)} training samples; {art_note}"
+        f"{len(split.train_labels)} training samples, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
+        f"{art_note}"
     )
     print()
     print("| training set | clean test accuracy | attack success rate |")

@@ -107,6 +107,7 @@ class NeuralCleanseConfig:
         chunk_size: classes optimised together; ``None`` sizes chunks by ``max_images_per_forward``;
             1 is the sequential original.
         max_images_per_forward: memory budget: stamped images in one forward pass.
+        restarts: optimise every class this many times from different starts; keep the smallest valid mask.
         anomaly_threshold: flag classes below the median with an anomaly index above this; ``None``
             calibrates it to the class count and ``false_positive_rate``.
         false_positive_rate: with ``anomaly_threshold=None``, the chance of flagging a model whose trigger
@@ -129,6 +130,7 @@ class NeuralCleanseConfig:
     max_samples: int = 1000
     chunk_size: int | None = None
     max_images_per_forward: int = 4096
+    restarts: int = 1
     anomaly_threshold: float | None = None
     false_positive_rate: float = 0.05
     anomaly_scale: str = "log"
@@ -161,6 +163,7 @@ class NeuralCleanseConfig:
             "max_samples": self.max_samples >= 1,
             "chunk_size": self.chunk_size is None or self.chunk_size >= 1,
             "max_images_per_forward": self.max_images_per_forward >= 1,
+            "restarts": self.restarts >= 1,
             "anomaly_threshold": self.anomaly_threshold is None or self.anomaly_threshold > 0,
             "false_positive_rate": 0.0 < self.false_positive_rate < 1.0,
             "anomaly_scale": self.anomaly_scale in ("log", "linear"),

@@ -4,6 +4,7 @@ one is not, and the batched optimisation agrees with the sequential one (chunk s
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -195,3 +196,17 @@ def test_class_trigger_is_frozen() -> None:
     trigger = ClassTrigger(0, torch.zeros(2, 2), torch.zeros(1, 2, 2), 0.0, True, 1)
     with pytest.raises(AttributeError):
         trigger.target = 1  # type: ignore[misc]
+
+
+def test_restarts_keep_the_smallest_valid_mask(badnets: BadNetsModel, mnist: MnistSplit) -> None:
+    images, _ = clean_samples(mnist)
+    config = NeuralCleanseConfig(max_steps=40)
+    single = [
+        reverse_engineer_triggers(badnets.model, images, 10, config, seed=seed, classes=[0, 6]) for seed in (0, 7919)
+    ]
+    both = reverse_engineer_triggers(badnets.model, images, 10, replace(config, restarts=2), seed=0, classes=[0, 6])
+    for k, trigger in enumerate(both):
+        runs = [single[0][k], single[1][k]]
+        valid = [t for t in runs if t.reached_threshold] or runs
+        assert trigger.mask_l1 == pytest.approx(min(t.mask_l1 for t in valid))
+        assert trigger.steps == runs[0].steps + runs[1].steps

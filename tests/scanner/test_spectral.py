@@ -1,0 +1,257 @@
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from scanner.attacks import BadNetsRecipe
+from scanner.config import ScanConfig
+from scanner.data import Samples
+from scanner.datasets import MnistSplit
+from scanner.detectors import ScanInputs
+from scanner.errors import InvalidOptionError
+from scanner.spectral import (
+    MIN_CLASS_SAMPLES,
+    SpectralConfig,
+    SpectralReport,
+    class_splits,
+    detect_poisoned_samples,
+    needs_training_data,
+    spectral_detector,
+)
+from scanner.training import train_mnist_cnn
+from scanner.verdict import DetectorStatus
+from tests.factories import BadNetsModel, one_intraop_thread
+
+CPU = torch.device("cpu")
+TARGET = 3
+
+
+def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """Probability that a random positive scores above a random negative (ties count half)."""
+    pos, neg = scores[positive], scores[~positive]
+    above = (pos[:, None] > neg[None, :]).double().mean() + 0.5 * (pos[:, None] == neg[None, :]).double().mean()
+    return float(above)
+
+
+def synthetic_features(
+    fraction: float, *, seed: int, classes: int = 10, per_class: int = 400, dim: int = 32, shift: float = 6.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gaussian classes that vary most along the first axes, and a sub-population of class 3 shifted along the last.
+
+    The shift (12 standard deviations along its axis) is smaller than the spread along the first axis (3 vs 0.5
+    per axis), so at small fractions it is not the top singular direction of the raw class features.
+
+    Returns:
+        ``(features (N, dim), labels (N,), planted row indices)``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    scales = torch.linspace(3.0, 0.5, dim)
+    means = torch.randn(classes, dim, generator=generator) * 10
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    features = means[labels] + torch.randn(len(labels), dim, generator=generator) * scales
+    rows = torch.nonzero(labels == TARGET).squeeze(1)
+    planted = rows[torch.randperm(len(rows), generator=generator)[: round(fraction * len(rows))]].sort().values
+    features[planted, -1] += shift
+    return features, labels, planted
+
+
+@pytest.mark.parametrize("fraction", [0.02, 0.2, 0.5])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_planted_subpopulation_is_flagged_and_separated(fraction: float, seed: int) -> None:
+    features, labels, planted = synthetic_features(fraction, seed=seed)
+    splits = class_splits(features, labels)
+    assert [split.label for split in splits if split.flagged] == [TARGET]
+    target = next(split for split in splits if split.label == TARGET)
+    truth = torch.isin(target.indices, planted)
+    # Without the model the smaller component is the suspect: right below one half, a coin flip at one half.
+    if fraction < 0.5:
+        assert torch.equal(target.suspicious, truth)
+        assert auroc(target.poison_score, truth) > 0.99
+        assert target.poisoned_fraction == pytest.approx(fraction, abs=0.01)
+    else:
+        assert torch.equal(target.suspicious, truth) or torch.equal(target.suspicious, ~truth)
+    assert target.separation > 6.0
+    others = [split for split in splits if split.label != TARGET]
+    assert max(split.separation for split in others) < 4.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_clean_synthetic_classes_flag_nothing(seed: int) -> None:
+    features, labels, _ = synthetic_features(0.0, seed=seed)
+    splits = class_splits(features, labels)
+    assert not any(split.flagged for split in splits)
+    assert all(math.isfinite(split.anomaly) for split in splits)
+
+
+def test_planted_direction_below_the_top_raw_direction_is_found() -> None:
+    # The paper's score (squared projection on the top singular vector of the centred raw class features) misses
+    # a 2% sub-population that varies along a low-variance axis; whitening by the other classes finds it.
+    features, labels, planted = synthetic_features(0.02, seed=0)
+    rows = torch.nonzero(labels == TARGET).squeeze(1)
+    centred = features[rows] - features[rows].mean(0)
+    top = torch.linalg.svd(centred, full_matrices=False).Vh[0]
+    truth = torch.isin(rows, planted)
+    assert auroc((centred @ top) ** 2, truth) < 0.8
+    target = next(split for split in class_splits(features, labels) if split.label == TARGET)
+    assert auroc(target.poison_score, truth) > 0.99
+
+
+def test_swapped_split_takes_the_other_component() -> None:
+    features, labels, planted = synthetic_features(0.2, seed=0)
+    target = next(split for split in class_splits(features, labels) if split.label == TARGET)
+    other = target.swapped()
+    assert torch.equal(other.suspicious, ~target.suspicious)
+    assert other.poisoned_fraction == pytest.approx(1 - target.poisoned_fraction)
+    torch.testing.assert_close(other.poison_score, 1 - target.poison_score)
+
+
+def test_too_few_classes_are_not_compared() -> None:
+    features, labels, _ = synthetic_features(0.2, seed=0, classes=4)
+    keep = labels >= 2  # classes 2 and 3 only: no cross-class statistic
+    splits = class_splits(features[keep], labels[keep])
+    assert [split.label for split in splits] == [2, 3]
+    assert not any(split.flagged for split in splits)
+    assert all(math.isnan(split.anomaly) for split in splits)
+
+
+def test_classes_with_too_few_samples_are_left_out() -> None:
+    features, labels, _ = synthetic_features(0.0, seed=0, classes=5)
+    tiny = torch.nonzero(labels == 4).squeeze(1)[: MIN_CLASS_SAMPLES - 1]
+    keep = (labels != 4) | torch.isin(torch.arange(len(labels)), tiny)
+    splits = class_splits(features[keep], labels[keep])
+    assert [split.label for split in splits] == [0, 1, 2, 3]
+
+
+def test_mismatched_shapes_are_rejected() -> None:
+    with pytest.raises(ValueError, match="expected features"):
+        class_splits(torch.zeros(10, 4), torch.zeros(9, dtype=torch.int64))
+
+
+@pytest.mark.parametrize(
+    "options", [{"directions": 0}, {"shrinkage": 0.0}, {"threshold": -1.0}, {"max_features": 1}, {"batch_size": 0}]
+)
+def test_invalid_config_is_rejected(options: dict[str, float]) -> None:
+    with pytest.raises(InvalidOptionError, match="spectral signatures option"):
+        SpectralConfig(**options)  # type: ignore[arg-type]
+
+
+# -- real models: the session fixtures train mnist_cnn on the MNIST subset, clean and 10% BadNets --------------
+
+
+@pytest.fixture(scope="module")
+def badnets_report(badnets: BadNetsModel) -> SpectralReport:
+    return detect_poisoned_samples(badnets.model, badnets.poisoned.images, badnets.poisoned.labels, device=CPU)
+
+
+def test_badnets_target_and_poisoned_samples_are_found(badnets: BadNetsModel, badnets_report: SpectralReport) -> None:
+    # 10% of the training set poisoned, all to one: half of the target class is poison, so the side test decides.
+    assert badnets_report.flagged_classes == (badnets.target,)
+    target = next(split for split in badnets_report.classes if split.label == badnets.target)
+    truth = torch.isin(target.indices, badnets.poisoned.poisoned_indices)
+    suspicious = target.suspicious
+    assert int((suspicious & truth).sum()) / int(truth.sum()) >= 0.9  # recall
+    assert int((suspicious & truth).sum()) / int(suspicious.sum()) >= 0.9  # precision
+    assert auroc(target.poison_score, truth) >= 0.95
+    assert target.poisoned_fraction == pytest.approx(float(truth.double().mean()), abs=0.05)
+    suspected, other = badnets_report.persistence[badnets.target]
+    assert suspected > other
+
+
+def test_clean_model_flags_nothing(clean_model: nn.Module, mnist: MnistSplit) -> None:
+    report = detect_poisoned_samples(clean_model, mnist.train_images, mnist.train_labels, device=CPU)
+    assert report.flagged_classes == ()
+    assert report.persistence == {}
+    assert len(report.classes) == 10
+
+
+def _inputs(model: nn.Module, training: Samples | None, progress: list[tuple[float, str, str]]) -> ScanInputs:
+    return ScanInputs(
+        model=model,
+        num_classes=10,
+        input_shape=(1, 28, 28),
+        clean=None,
+        training=training,
+        config=ScanConfig(),
+        device=CPU,
+        progress=lambda fraction, stage, message: progress.append((fraction, stage, message)),
+    )
+
+
+def test_detector_reports_flagged_class_and_capped_suspicious_list(badnets: BadNetsModel) -> None:
+    progress: list[tuple[float, str, str]] = []
+    training = Samples(images=badnets.poisoned.images, labels=badnets.poisoned.labels)
+    inputs = _inputs(badnets.model, training, progress)
+    assert needs_training_data(inputs) is None
+    result = spectral_detector(inputs, SpectralConfig(max_listed=25))
+
+    assert result.status is DetectorStatus.OK
+    assert result.flagged_classes == (badnets.target,)
+    verdict = json.loads(json.dumps(result.to_dict()))  # JSON-ready
+    assert verdict["flagged_classes"] == [badnets.target]
+    entry = next(item for item in verdict["classes"] if item["class"] == badnets.target)
+    assert entry["flagged"] is True
+    assert entry["anomaly_index"] > verdict["threshold"]
+    assert len(entry["suspicious"]) == 25
+    assert entry["suspicious_truncated"] is True
+    scores = [item["score"] for item in entry["suspicious"]]
+    assert scores == sorted(scores, reverse=True)
+    assert 0.4 < entry["estimated_poisoned_fraction"] < 0.6
+    assert verdict["estimated_poisoned_samples"] == entry["suspicious_count"]
+    assert not any(item["flagged"] for item in verdict["classes"] if item["class"] != badnets.target)
+
+    # The artifact lists every suspicious sample; its indices point into the uploaded training data.
+    artifact = json.loads(result.artifacts[verdict["artifacts"]["suspicious_json"]])
+    listed = [item["index"] for item in artifact["classes"][str(badnets.target)]]
+    assert len(listed) == entry["suspicious_count"]
+    assert [item["index"] for item in entry["suspicious"]] == listed[:25]
+    poisoned = set(badnets.poisoned.poisoned_indices.tolist())
+    assert len(poisoned & set(listed)) >= 0.9 * len(poisoned)
+
+    assert {stage for _, stage, _ in progress} == {"spectral_signatures"}
+    assert all(0.0 <= fraction <= 1.0 for fraction, _, _ in progress)
+
+
+def test_detector_names_image_paths_of_imagefolder_uploads(badnets: BadNetsModel) -> None:
+    images, labels = badnets.poisoned.images, badnets.poisoned.labels
+    paths = tuple(f"{int(label)}/{row:05d}.png" for row, label in enumerate(labels))
+    result = spectral_detector(_inputs(badnets.model, Samples(images=images, labels=labels, paths=paths), []))
+    entry = next(item for item in result.details["classes"] if item["flagged"])
+    assert all(item["path"] == paths[item["index"]] for item in entry["suspicious"])
+
+
+def test_detector_is_skipped_without_training_data(clean_model: nn.Module) -> None:
+    inputs = _inputs(clean_model, None, [])
+    assert needs_training_data(inputs) == "no training data given (training_data)"
+    assert spectral_detector(inputs).to_dict() == {
+        "status": "skipped",
+        "reason": "no training data given (training_data)",
+    }
+
+
+def test_detector_needs_three_classes_with_enough_samples(clean_model: nn.Module, mnist: MnistSplit) -> None:
+    keep = mnist.train_labels < 2
+    training = Samples(images=mnist.train_images[keep], labels=mnist.train_labels[keep])
+    reason = needs_training_data(_inputs(clean_model, training, []))
+    assert reason is not None
+    assert "at least 3 classes" in reason
+
+
+@pytest.mark.slow
+def test_one_percent_badnets_poisoning_is_found(mnist: MnistSplit) -> None:
+    # 1% of the training set (40 images) relabelled to class 5: about 9% of the target class.
+    recipe = BadNetsRecipe(target=5, rate=0.01, seed=3)
+    _, poisoned = recipe.poison(mnist.train_images, mnist.train_labels)
+    with one_intraop_thread():
+        model = train_mnist_cnn(poisoned.images, poisoned.labels, device=CPU, seed=3)
+    report = detect_poisoned_samples(model, poisoned.images, poisoned.labels, device=CPU)
+    assert report.flagged_classes == (5,)
+    target = next(split for split in report.classes if split.label == 5)
+    truth = torch.isin(target.indices, poisoned.poisoned_indices)
+    assert int((target.suspicious & truth).sum()) >= 0.9 * int(truth.sum())
+    assert auroc(target.poison_score, truth) >= 0.95
+    assert np.isclose(target.poisoned_fraction, float(truth.double().mean()), atol=0.03)
