@@ -17,9 +17,9 @@ sequential+new schedule, to show how much of the speed-up is batching and how mu
 from __future__ import annotations
 
 import argparse
-import os
+import multiprocessing
 import statistics
-import threading
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -88,40 +88,40 @@ def trained(entry: ZooEntry, split: MnistSplit) -> tuple[nn.Module, Trigger | No
     return model.eval(), trigger
 
 
-class PeakRss:
-    """Samples this process's resident memory in a thread; ``peak_mb`` is the peak above the start."""
-
-    def __init__(self) -> None:
-        self._stop = threading.Event()
-        self.peak = self.start = self._rss()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self._rss())
-
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    @property
-    def peak_mb(self) -> float:
-        return (self.peak - self.start) / 2**20
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory so far (VmHWM), in MiB."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
-def run(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: NeuralCleanseConfig, seed: int):  # type: ignore[no-untyped-def]
-    with PeakRss() as rss:
-        result = neural_cleanse(model, images, labels, 10, config, seed=seed)
-    return result, rss.peak_mb
+def _run_in_child(
+    state: dict[str, torch.Tensor],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    config: NeuralCleanseConfig,
+    seed: int,
+    threads: int,
+) -> tuple[NeuralCleanseResult, float]:
+    torch.set_num_threads(threads)
+    model = build_architecture("mnist_cnn", 10)
+    model.load_state_dict(state)
+    model.eval()
+    before = _peak_rss_mb()
+    result = neural_cleanse(model, images, labels, 10, config, seed=seed)
+    return result, _peak_rss_mb() - before
+
+
+def run(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: NeuralCleanseConfig, seed: int
+) -> tuple[NeuralCleanseResult, float]:
+    """One Neural Cleanse run in a fresh process, so its peak memory (above the loaded model) is its own."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        future = pool.submit(_run_in_child, model.state_dict(), images, labels, config, seed, torch.get_num_threads())
+        return future.result()
 
 
 def small_side_max(result: NeuralCleanseResult) -> float:
@@ -166,7 +166,7 @@ def main() -> None:
         f"scale {fast.anomaly_scale}\n"
     )
     header = ["model", "target", "clean acc", "ASR", "flagged (batched)", "AI target", "flagged (sequential)"]
-    header += [f"s {name}" for name in configs] + ["ratio seq/batched", "peak MB batched", "peak MB seq"]
+    header += [f"s {name}" for name in configs] + ["ratio seq/batched", "peak MiB batched", "peak MiB seq"]
     rows, ratios, verdict_pairs, clean_rows = [], [], [], []
     for entry in zoo:
         model, trigger = trained(entry, split)

@@ -102,7 +102,7 @@ def test_planted_direction_below_the_top_raw_direction_is_found() -> None:
 
 
 def test_swapped_split_takes_the_other_component() -> None:
-    features, labels, planted = synthetic_features(0.2, seed=0)
+    features, labels, _ = synthetic_features(0.2, seed=0)
     target = next(split for split in class_splits(features, labels) if split.label == TARGET)
     other = target.swapped()
     assert torch.equal(other.suspicious, ~target.suspicious)
