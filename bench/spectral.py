@@ -76,6 +76,7 @@ class Row:
 
     method: str
     flagged_classes: str
+    anomaly: str
     samples_flagged: int | None
     precision: float | None
     recall: float | None
@@ -164,16 +165,22 @@ def run_ours(
         [split.indices[split.suspicious].numpy() for split in report.classes if split.flagged] or [np.empty(0, int)]
     )
     flagged = ", ".join(str(k) for k in report.flagged_classes) or "none"
+    # Only classes above the median separation can be flagged: the largest anomaly index among the others.
+    median = float(np.median([split.separation for split in report.classes]))
+    anomalies = {split.label: split.anomaly if split.separation > median else 0.0 for split in report.classes}
+    others = max(value for label, value in anomalies.items() if label != case.target or case.rate == 0)
+    anomaly = f"{anomalies[case.target]:.1f} / {others:.1f}" if case.rate > 0 else f"- / {others:.1f}"
     if case.rate == 0:
-        return [Row("ours", flagged, len(flagged_rows), None, None, None, statistics.median(seconds))]
+        return [Row("ours", flagged, anomaly, len(flagged_rows), None, None, None, statistics.median(seconds))]
     precision, recall = precision_recall(flagged_rows, poisoned)
     target = next(split for split in report.classes if split.label == case.target)
     ours_auroc = auroc(target.poison_score.numpy(), np.isin(target.indices.numpy(), poisoned))
     features = penultimate_features(model, images, device=CPU)
     return [
-        Row("ours", flagged, len(flagged_rows), precision, recall, ours_auroc, statistics.median(seconds)),
+        Row("ours", flagged, anomaly, len(flagged_rows), precision, recall, ours_auroc, statistics.median(seconds)),
         Row(
             "paper score, same features",
+            "-",
             "-",
             None,
             None,
@@ -207,13 +214,15 @@ def run_art(
             flagged_rows = np.asarray(run["flagged"], dtype=np.int64)
             label = f"ART, eps {eps:g}" + (" (default)" if eps == 0.33 else " (true rate)")
             if case.rate == 0:
-                rows[case].append(Row(label, "no class verdict", len(flagged_rows), None, None, None, run["seconds"]))
+                rows[case].append(
+                    Row(label, "no class verdict", "-", len(flagged_rows), None, None, None, run["seconds"])
+                )
                 continue
             precision, recall = precision_recall(flagged_rows, poisoned)
             in_target = np.asarray(answer["target_rows"], dtype=np.int64)
             art_auroc = auroc(np.asarray(answer["target_scores"]), np.isin(in_target, poisoned))
             rows[case].append(
-                Row(label, "no class verdict", len(flagged_rows), precision, recall, art_auroc, run["seconds"])
+                Row(label, "no class verdict", "-", len(flagged_rows), precision, recall, art_auroc, run["seconds"])
             )
     return rows
 
@@ -282,7 +291,7 @@ def print_table(cases: list[Case], rows: dict[Case, list[Row]]) -> None:
     for case in cases:
         for number, row in enumerate(rows[case]):
             print(
-                f"| {case.name if number == 0 else ''} | {row.method} | {row.flagged_classes} | "
+                f"| {case.name if number == 0 else ''} | {row.method} | {row.flagged_classes} | {row.anomaly} | "
                 f"{_cell(row.samples_flagged)} | {_cell(row.precision)} | {_cell(row.recall)} | "
                 f"{_cell(row.auroc, 3)} | {_cell(row.seconds)} |"
             )
