@@ -102,9 +102,11 @@ class SpectralConfig:
         shrinkage: ridge added to the reference covariance before whitening, as a fraction of its
             mean eigenvalue (larger is closer to no whitening).
         threshold: a class is flagged when its separation is above the median and its anomaly index
-            (distance from the median in units of 1.4826 MAD) exceeds this.
-        max_features: features wider than this are first projected on their leading principal
-            directions (within-class), to bound the per-class eigendecompositions.
+            (distance from the median in units of 1.4826 MAD) exceeds this. Calibrated on BadNets
+            ``mnist_cnn`` zoos (32 models, 8 clean): the largest index of a clean class was 4.0, the
+            smallest of a target class 6.1.
+        max_features: features wider than this are projected, class by class, on the class's own
+            leading principal directions first, to bound the per-class eigendecompositions.
         probe_samples: members of each component that the STRIP side test blends.
         probe_blends: other-class images each probe is blended with.
         max_listed: suspicious samples listed per class in the JSON verdict (all are in the artifact).
@@ -229,8 +231,6 @@ def class_splits(
     centred = x.clone()
     for rows in members:
         centred[rows] -= x[rows].mean(0)
-    keep = torch.cat(members)
-    centred = _reduce_width(centred, keep, config.max_features)
     projections = _whitened_top_directions(centred, members, config)
     fits = _fit_two_gaussians(projections)
 
@@ -256,34 +256,40 @@ def class_splits(
     return splits
 
 
-def _reduce_width(centred: torch.Tensor, rows: torch.Tensor, max_features: int) -> torch.Tensor:
-    """Project class-centred features on their leading principal directions when they are wider than allowed."""
-    if centred.shape[1] <= max_features:
-        return centred
-    _, _, vh = torch.linalg.svd(centred[rows], full_matrices=False)
-    return torch.matmul(centred, vh[:max_features].mT)
-
-
 def _whitened_top_directions(
     centred: torch.Tensor, members: list[torch.Tensor], config: SpectralConfig
 ) -> list[torch.Tensor]:
     """Per class: features whitened by the other classes' pooled covariance, on their top singular directions.
 
+    Features wider than ``config.max_features`` are first projected, class by class, on the class's own
+    leading principal directions: the paper's signal is variance that the poison adds to its class, so it
+    lives there (and a class with fewer samples than that loses nothing). The other classes' covariance
+    is then taken in the same subspace.
+
+    Args:
+        centred: ``(N, D)`` features, each class centred on its own mean.
+        members: row indices of each analysed class.
+        config: ``directions``, ``shrinkage`` and ``max_features``.
+
     Returns:
         One ``(n_k, directions)`` tensor per class (fewer columns when the class has fewer samples).
     """
-    scatters = torch.stack([centred[rows].mT @ centred[rows] for rows in members])
-    counts = torch.tensor([len(rows) for rows in members], dtype=centred.dtype, device=centred.device)
-    total_scatter, total_count = scatters.sum(0), counts.sum()
+    rows_all = torch.cat(members)
+    total_scatter = centred[rows_all].mT @ centred[rows_all]
     out = []
-    for rows, scatter, count in zip(members, scatters, counts, strict=True):
-        others = total_count - count
+    for rows in members:
+        own = centred[rows]
+        scatter = own.mT @ own
+        others = len(rows_all) - len(rows)
         # With a single class the "other classes" are empty: fall back to the class itself.
-        reference = (total_scatter - scatter) / others if others > 0 else scatter / count
+        reference = (total_scatter - scatter) / others if others > 0 else scatter / len(rows)
+        if own.shape[1] > config.max_features:
+            basis = torch.linalg.svd(own, full_matrices=False).Vh[: config.max_features].mT  # (D, r)
+            own, reference = own @ basis, basis.mT @ reference @ basis
         eigenvalues, eigenvectors = torch.linalg.eigh(reference)
         eigenvalues = eigenvalues.clamp_min(0)
         ridge = config.shrinkage * eigenvalues.mean().clamp_min(torch.finfo(centred.dtype).tiny)
-        whitened = centred[rows] @ (eigenvectors / (eigenvalues + ridge).sqrt())
+        whitened = own @ (eigenvectors / (eigenvalues + ridge).sqrt())
         _, _, vh = torch.linalg.svd(whitened, full_matrices=False)
         out.append(whitened @ vh[: config.directions].mT)
     return out
@@ -364,11 +370,9 @@ def _fit_two_gaussians(projections: list[torch.Tensor]) -> list[_MixtureFit]:
 def trigger_persistence(
     model: nn.Module,
     probes: torch.Tensor,
-    others: torch.Tensor,
+    partners: torch.Tensor,
     label: int,
     *,
-    blends: int,
-    generator: torch.Generator,
     device: torch.device,
     batch_size: int = 512,
 ) -> float:
@@ -380,19 +384,26 @@ def trigger_persistence(
     Args:
         model: classifier in eval mode on ``device``, taking ``(N, C, H, W)`` in [0, 1].
         probes: ``(P, C, H, W)`` images of class ``label``, any device.
-        others: ``(M, C, H, W)`` images of other classes to blend with, same device as ``probes``.
+        partners: ``(P, B, C, H, W)`` images of other classes, ``B`` for each probe, same device as ``probes``.
         label: the class the probes are labelled with.
-        blends: other images per probe, drawn with replacement.
-        generator: CPU generator for the draw.
         device: where the model runs.
         batch_size: images per forward pass.
 
     Returns:
-        Fraction of the ``P * blends`` blended images classified as ``label``.
+        Fraction of the ``P * B`` blended images classified as ``label``.
+
+    Raises:
+        ValueError: the shapes do not fit together, or there are no probes.
     """
-    picks = torch.randint(len(others), (len(probes), blends), generator=generator).to(others.device)
-    mixed = (1 - _BLEND_WEIGHT) * probes[:, None] + _BLEND_WEIGHT * others[picks]
-    mixed = mixed.flatten(0, 1)
+    if (
+        partners.ndim != probes.ndim + 1
+        or partners.shape[0] != probes.shape[0]
+        or partners.shape[2:] != probes.shape[1:]
+    ):
+        raise ValueError(f"partners must be (P, B, *image) for probes (P, *image), got {tuple(partners.shape)}")
+    if partners.shape[0] * partners.shape[1] == 0:
+        raise ValueError("trigger_persistence needs at least one probe and one partner")
+    mixed = ((1 - _BLEND_WEIGHT) * probes[:, None] + _BLEND_WEIGHT * partners).flatten(0, 1)
     kept = sum(int((model(batch.to(device)).argmax(1) == label).sum()) for batch in torch.split(mixed, batch_size))
     return kept / len(mixed)
 
@@ -441,26 +452,17 @@ def detect_poisoned_samples(
     for position, split in enumerate(splits):
         if not split.flagged:
             continue
-        others = images[(labels_cpu != split.label).to(images.device)]
-        if len(others) == 0:
-            continue
+        other_rows = torch.nonzero(labels_cpu != split.label).squeeze(1)
         scores = []
         for posterior in (split.posterior, 1.0 - split.posterior):
             candidates = torch.nonzero(posterior > 0.5).squeeze(1)
             chosen = candidates[torch.randperm(len(candidates), generator=generator)[: config.probe_samples]]
+            picks = other_rows[torch.randint(len(other_rows), (len(chosen), config.probe_blends), generator=generator)]
             probes = images[split.indices[chosen].to(images.device)]
+            partners = images[picks.to(images.device)]
             scores.append(
-                trigger_persistence(
-                    model,
-                    probes,
-                    others,
-                    split.label,
-                    blends=config.probe_blends,
-                    generator=generator,
-                    device=device,
-                    batch_size=config.batch_size,
-                )
-                if len(probes)
+                trigger_persistence(model, probes, partners, split.label, device=device, batch_size=config.batch_size)
+                if len(chosen)
                 else 0.0
             )
         suspected, other = scores
@@ -501,7 +503,8 @@ def spectral_detector(inputs: ScanInputs, config: SpectralConfig = SpectralConfi
         return DetectorResult.skipped("no training data given (training_data)")
 
     def progress(fraction: float, message: str) -> None:
-        inputs.progress(fraction, "spectral_signatures", message)
+        # Runs after Neural Cleanse (which reports up to 0.95 of the scan) and takes about a second.
+        inputs.progress(0.95 + 0.05 * fraction, "spectral_signatures", message)
 
     result = detect_poisoned_samples(
         inputs.model,

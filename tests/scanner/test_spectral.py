@@ -22,6 +22,7 @@ from scanner.spectral import (
     detect_poisoned_samples,
     needs_training_data,
     spectral_detector,
+    trigger_persistence,
 )
 from scanner.training import train_mnist_cnn
 from scanner.verdict import DetectorStatus
@@ -78,6 +79,14 @@ def test_planted_subpopulation_is_flagged_and_separated(fraction: float, seed: i
     assert target.separation > 6.0
     others = [split for split in splits if split.label != TARGET]
     assert max(split.separation for split in others) < 4.0
+
+
+def test_wide_features_are_reduced_before_whitening() -> None:
+    features, labels, planted = synthetic_features(0.2, seed=0, dim=96)
+    splits = class_splits(features, labels, config=SpectralConfig(max_features=48))
+    assert [split.label for split in splits if split.flagged] == [TARGET]
+    target = next(split for split in splits if split.label == TARGET)
+    assert torch.equal(target.suspicious, torch.isin(target.indices, planted))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -138,6 +147,26 @@ def test_mismatched_shapes_are_rejected() -> None:
 def test_invalid_config_is_rejected(options: dict[str, float]) -> None:
     with pytest.raises(InvalidOptionError, match="spectral signatures option"):
         SpectralConfig(**options)  # type: ignore[arg-type]
+
+
+class _TriggerPixelModel(nn.Module):
+    """Class 0 when the top-left pixel is bright, class 1 otherwise: the top-left pixel is a trigger."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.stack([8 * images[:, 0, 0, 0], images.flatten(1).mean(1) * 4], dim=1)
+
+
+def test_trigger_persistence_separates_triggered_from_clean_probes() -> None:
+    clean = torch.full((4, 1, 4, 4), 0.5)
+    clean[:, 0, 0, 0] = 0.0
+    triggered = clean.clone()
+    triggered[:, 0, 0, 0] = 1.0
+    partners = clean[:, None].expand(4, 3, 1, 4, 4)  # blends keep half of the probe's top-left pixel
+    model = _TriggerPixelModel()
+    assert trigger_persistence(model, triggered, partners, 0, device=CPU, batch_size=5) == 1.0
+    assert trigger_persistence(model, clean, partners, 0, device=CPU) == 0.0
+    with pytest.raises(ValueError, match="partners must be"):
+        trigger_persistence(model, clean, partners[:2], 0, device=CPU)
 
 
 # -- real models: the session fixtures train mnist_cnn on the MNIST subset, clean and 10% BadNets --------------
