@@ -210,3 +210,14 @@ def test_restarts_keep_the_smallest_valid_mask(badnets: BadNetsModel, mnist: Mni
         valid = [t for t in runs if t.reached_threshold] or runs
         assert trigger.mask_l1 == pytest.approx(min(t.mask_l1 for t in valid))
         assert trigger.steps == runs[0].steps + runs[1].steps
+
+
+def test_model_weights_are_left_untouched(mnist: MnistSplit) -> None:
+    from scanner.architectures import build_architecture
+
+    model = build_architecture("mnist_cnn", 10).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    reverse_engineer_triggers(model, mnist.test_images[:64], 10, NeuralCleanseConfig(max_steps=3), classes=[0, 1])
+    assert model.training  # the caller's mode comes back
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
