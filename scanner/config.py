@@ -107,6 +107,7 @@ class NeuralCleanseConfig:
         chunk_size: classes optimised together; ``None`` sizes chunks by ``max_images_per_forward``;
             1 is the sequential original.
         max_images_per_forward: memory budget: stamped images in one forward pass.
+        channels_last: run the optimisation on a channels-last copy of a convolutional model (faster kernels).
         restarts: optimise every class this many times from different starts; keep the smallest valid mask.
         anomaly_threshold: flag classes below the median with an anomaly index above this; ``None``
             calibrates it to the class count and ``false_positive_rate``.
@@ -130,6 +131,7 @@ class NeuralCleanseConfig:
     max_samples: int = 1000
     chunk_size: int | None = None
     max_images_per_forward: int = 4096
+    channels_last: bool = True
     restarts: int = 1
     anomaly_threshold: float | None = None
     false_positive_rate: float = 0.05

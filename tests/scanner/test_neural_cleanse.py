@@ -221,3 +221,16 @@ def test_model_weights_are_left_untouched(mnist: MnistSplit) -> None:
     assert model.training  # the caller's mode comes back
     assert all(p.requires_grad and p.grad is None for p in model.parameters())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_channels_last_copy_changes_speed_not_results(badnets: BadNetsModel, mnist: MnistSplit) -> None:
+    images, _ = clean_samples(mnist)
+    config = NeuralCleanseConfig(max_steps=25)
+    fast = reverse_engineer_triggers(badnets.model, images, 10, config, seed=2, classes=[0, 3])
+    plain = reverse_engineer_triggers(
+        badnets.model, images, 10, replace(config, channels_last=False), seed=2, classes=[0, 3]
+    )
+    for one, other in zip(fast, plain, strict=True):
+        assert one.mask_l1 == pytest.approx(other.mask_l1, rel=1e-3)
+    conv = next(p for p in badnets.model.parameters() if p.dim() == 4)
+    assert conv.is_contiguous()  # the caller's model keeps its memory format
