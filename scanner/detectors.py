@@ -17,6 +17,7 @@ from torch import nn
 from scanner.config import ScanConfig
 from scanner.data import Samples
 from scanner.neural_cleanse import mask_png, neural_cleanse, png_base64
+from scanner.spectral import needs_training_data, spectral_detector
 from scanner.verdict import DetectorResult, DetectorStatus
 
 __all__ = ["DETECTORS", "Detector", "Progress", "ScanInputs"]
@@ -132,4 +133,7 @@ def _run_neural_cleanse(inputs: ScanInputs) -> DetectorResult:
     )
 
 
-DETECTORS: tuple[Detector, ...] = (Detector("neural_cleanse", _needs_clean, _run_neural_cleanse),)
+DETECTORS: tuple[Detector, ...] = (
+    Detector("neural_cleanse", _needs_clean, _run_neural_cleanse),
+    Detector("spectral_signatures", needs_training_data, spectral_detector),
+)

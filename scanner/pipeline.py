@@ -120,8 +120,6 @@ def scan(
         device=device,
         progress=progress,
     )
-    for name, reason in _unavailable(inputs).items():
-        detectors[name] = DetectorResult.skipped(reason)
     for detector in DETECTORS:
         detectors[detector.name] = _run_detector(detector, inputs)
     progress(1.0, "done", "scan finished")
@@ -133,17 +131,6 @@ def _shape_of(samples: Samples | None) -> tuple[int, int, int] | None:
         return None
     c, h, w = samples.images.shape[1:]
     return (int(c), int(h), int(w))
-
-
-def _unavailable(inputs: ScanInputs) -> dict[str, str]:
-    """Skip reasons for backdoor detectors that are not part of this build yet."""
-    registered = {d.name for d in DETECTORS}
-    reasons = {}
-    if "spectral_signatures" not in registered:
-        reasons["spectral_signatures"] = (
-            "not available in this version" if inputs.training is not None else "no training data given (training_data)"
-        )
-    return reasons
 
 
 def _run_detector(detector: Detector, inputs: ScanInputs) -> DetectorResult:

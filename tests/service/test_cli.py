@@ -230,3 +230,25 @@ def test_scan_torchscript_needs_trust_code(tmp_path: Path, capsys: pytest.Captur
     assert code == 0
     assert verdict["model"]["format"] == "torchscript"
     assert verdict["model"]["num_classes"] == 10
+
+
+def test_scan_with_training_data_finds_the_poison(
+    badnets: BadNetsModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """End to end: spectral signatures on the poisoned training set name the target class and the samples."""
+    model_path = tmp_path / "badnets.safetensors"
+    save_file(badnets.model.state_dict(), str(model_path))
+    poisoned = badnets.poisoned
+    train = write_npz(tmp_path / "train.npz", to_uint8(poisoned.images), poisoned.labels.numpy())
+    artifacts = tmp_path / "artifacts"
+    argv = [str(model_path), "--arch", "mnist_cnn", "--training-data", str(train), "--artifacts", str(artifacts)]
+    code, verdict = scan_json(argv, capsys)
+    assert code == 1
+    assert verdict["verdict"] == "backdoored"
+    spectral = verdict["detectors"]["spectral_signatures"]
+    assert spectral["status"] == "ok"
+    assert spectral["flagged_classes"] == [badnets.target]
+    assert verdict["detectors"]["neural_cleanse"]["status"] == "skipped"
+    written = {p.name for p in artifacts.iterdir()}
+    assert "verdict.json" in written
+    assert any(name.startswith("spectral") for name in written), written
