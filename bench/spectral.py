@@ -76,7 +76,7 @@ class Row:
 
     method: str
     flagged_classes: str
-    anomaly: str
+    score: str
     samples_flagged: int | None
     precision: float | None
     recall: float | None
@@ -165,19 +165,17 @@ def run_ours(
         [split.indices[split.suspicious].numpy() for split in report.classes if split.flagged] or [np.empty(0, int)]
     )
     flagged = ", ".join(str(k) for k in report.flagged_classes) or "none"
-    # Only classes above the median separation can be flagged: the largest anomaly index among the others.
-    median = float(np.median([split.separation for split in report.classes]))
-    anomalies = {split.label: split.anomaly if split.separation > median else 0.0 for split in report.classes}
-    others = max(value for label, value in anomalies.items() if label != case.target or case.rate == 0)
-    anomaly = f"{anomalies[case.target]:.1f} / {others:.1f}" if case.rate > 0 else f"- / {others:.1f}"
+    scores = {split.label: split.score for split in report.classes}
+    others = max(value for label, value in scores.items() if label != case.target or case.rate == 0)
+    score = f"{scores[case.target]:.2f} / {others:.2f}" if case.rate > 0 else f"- / {others:.2f}"
     if case.rate == 0:
-        return [Row("ours", flagged, anomaly, len(flagged_rows), None, None, None, statistics.median(seconds))]
+        return [Row("ours", flagged, score, len(flagged_rows), None, None, None, statistics.median(seconds))]
     precision, recall = precision_recall(flagged_rows, poisoned)
     target = next(split for split in report.classes if split.label == case.target)
     ours_auroc = auroc(target.poison_score.numpy(), np.isin(target.indices.numpy(), poisoned))
     features = penultimate_features(model, images, device=CPU)
     return [
-        Row("ours", flagged, anomaly, len(flagged_rows), precision, recall, ours_auroc, statistics.median(seconds)),
+        Row("ours", flagged, score, len(flagged_rows), precision, recall, ours_auroc, statistics.median(seconds)),
         Row(
             "paper score, same features",
             "-",
@@ -285,13 +283,14 @@ def _cell(value: float | int | str | None, digits: int = 2) -> str:
 
 def print_table(cases: list[Case], rows: dict[Case, list[Row]]) -> None:
     print(
-        "| training set | method | flagged classes | samples flagged | precision | recall | AUROC in target | seconds |"
+        "| training set | method | flagged classes | score: target / max other | samples flagged "
+        "| precision | recall | AUROC in target | seconds |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for case in cases:
         for number, row in enumerate(rows[case]):
             print(
-                f"| {case.name if number == 0 else ''} | {row.method} | {row.flagged_classes} | {row.anomaly} | "
+                f"| {case.name if number == 0 else ''} | {row.method} | {row.flagged_classes} | {row.score} | "
                 f"{_cell(row.samples_flagged)} | {_cell(row.precision)} | {_cell(row.recall)} | "
                 f"{_cell(row.auroc, 3)} | {_cell(row.seconds)} |"
             )
@@ -314,7 +313,7 @@ def print_summary(cases: list[Case], rows: dict[Case, list[Row]]) -> None:
             f"min recall {min(ours[c].recall or 0 for c in backdoored):.2f}, "
             f"min precision {min(ours[c].precision or 0 for c in backdoored):.2f}"
         )
-    seconds = [ours[case].seconds for case in cases if ours[case].seconds is not None]
+    seconds = [row.seconds for row in ours.values() if row.seconds is not None]
     print(
         f"- ours, seconds per scan (features included): median {statistics.median(seconds):.2f}, max {max(seconds):.2f}"
     )

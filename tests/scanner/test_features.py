@@ -30,7 +30,7 @@ def images() -> torch.Tensor:
 def _manual_penultimate(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     # mnist_cnn: features -> Flatten -> Linear(1568, 128) -> ReLU -> Linear(128, K); the head's input is after the ReLU.
     with torch.no_grad():
-        hidden = model.classifier[1](model.features(images).flatten(1))  # type: ignore[index]
+        hidden = model.get_submodule("classifier.1")(model.get_submodule("features")(images).flatten(1))
         return torch.relu(hidden)
 
 
@@ -53,7 +53,7 @@ def test_features_do_not_depend_on_batch_size(mnist_cnn: nn.Module, images: torc
 
 
 def test_hook_is_removed_and_model_unchanged(mnist_cnn: nn.Module, images: torch.Tensor) -> None:
-    head = mnist_cnn.classifier[3]  # type: ignore[index]
+    head = mnist_cnn.get_submodule("classifier.3")
     penultimate_features(mnist_cnn, images, device=CPU)
     assert not head._forward_pre_hooks
     assert mnist_cnn(images[:2]).shape == (2, 10)

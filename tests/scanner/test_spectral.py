@@ -94,7 +94,7 @@ def test_clean_synthetic_classes_flag_nothing(seed: int) -> None:
     features, labels, _ = synthetic_features(0.0, seed=seed)
     splits = class_splits(features, labels)
     assert not any(split.flagged for split in splits)
-    assert all(math.isfinite(split.anomaly) for split in splits)
+    assert all(math.isfinite(split.score) for split in splits)
 
 
 def test_planted_direction_below_the_top_raw_direction_is_found() -> None:
@@ -125,7 +125,7 @@ def test_too_few_classes_are_not_compared() -> None:
     splits = class_splits(features[keep], labels[keep])
     assert [split.label for split in splits] == [2, 3]
     assert not any(split.flagged for split in splits)
-    assert all(math.isnan(split.anomaly) for split in splits)
+    assert all(math.isnan(split.score) for split in splits)
 
 
 def test_classes_with_too_few_samples_are_left_out() -> None:
@@ -224,7 +224,7 @@ def test_detector_reports_flagged_class_and_capped_suspicious_list(badnets: BadN
     assert verdict["flagged_classes"] == [badnets.target]
     entry = next(item for item in verdict["classes"] if item["class"] == badnets.target)
     assert entry["flagged"] is True
-    assert entry["anomaly_index"] > verdict["threshold"]
+    assert entry["score"] > verdict["threshold"]
     assert len(entry["suspicious"]) == 25
     assert entry["suspicious_truncated"] is True
     scores = [item["score"] for item in entry["suspicious"]]
