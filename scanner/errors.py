@@ -17,6 +17,7 @@ __all__ = [
     "DataModelMismatchError",
     "DeviceUnavailableError",
     "EmptyFileError",
+    "FeatureExtractionError",
     "InvalidDataError",
     "InvalidOptionError",
     "ScanCancelled",
@@ -125,3 +126,9 @@ class AllowlistUnavailableError(ScannerError):
     """torch's weights-only allowlist cannot be read, so no file can be checked (fail closed)."""
 
     code = "allowlist_unavailable"
+
+
+class FeatureExtractionError(ScannerError):
+    """The model has no linear classification head whose input could be read."""
+
+    code = "no_penultimate_layer"

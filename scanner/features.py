@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from scanner.errors import ScannerError
+from scanner.errors import FeatureExtractionError
 
 __all__ = ["FeatureExtractionError", "penultimate_features"]
 
@@ -34,12 +34,6 @@ _LINEAR_OPS: dict[Any, int] = {
     torch.ops.aten.mm.default: 0,
     torch.ops.aten.matmul.default: 0,
 }
-
-
-class FeatureExtractionError(ScannerError):
-    """The model has no linear classification head whose input could be read."""
-
-    code = "no_penultimate_layer"
 
 
 @torch.no_grad()

@@ -58,7 +58,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from scanner.errors import InvalidOptionError
+from scanner.config import SpectralConfig
 from scanner.features import penultimate_features
 from scanner.verdict import DetectorResult, DetectorStatus
 
@@ -91,53 +91,6 @@ _MIN_COMPONENT_SAMPLES = 5
 #: STRIP blends half of the input with half of another image.
 _BLEND_WEIGHT = 0.5
 _ARTIFACT_NAME = "spectral-suspicious.json"
-
-
-@dataclass(frozen=True)
-class SpectralConfig:
-    """Hyper-parameters of :func:`detect_poisoned_samples`.
-
-    Attributes:
-        directions: top right-singular directions of each class's whitened features in which the
-            two-component mixture is fitted. The paper uses one; at 1% poisoning the poison direction
-            was mixed into the top 3-4 whitened directions by the class's own variation.
-        shrinkage: ridge added to the reference covariance before whitening, as a fraction of its
-            mean eigenvalue (larger is closer to no whitening).
-        threshold: a class is flagged when its separation exceeds this multiple of the median
-            separation of the classes. Calibrated on BadNets ``mnist_cnn`` zoos (36 models, 8 of them
-            clean, 332 clean classes in all): the largest score of a clean class was 1.82, the smallest
-            of a target class 2.17.
-        max_features: features wider than this are projected, class by class, on the class's own
-            leading principal directions first, to bound the per-class eigendecompositions.
-        probe_samples: members of each component that the STRIP side test blends.
-        probe_blends: other-class images each probe is blended with.
-        max_listed: suspicious samples listed per class in the JSON verdict (all are in the artifact).
-        batch_size: images per forward pass.
-    """
-
-    directions: int = 4
-    shrinkage: float = 0.03
-    threshold: float = 2.0
-    max_features: int = 256
-    probe_samples: int = 64
-    probe_blends: int = 8
-    max_listed: int = 100
-    batch_size: int = 512
-
-    def __post_init__(self) -> None:
-        checks = {
-            "directions": 1 <= self.directions <= 8,
-            "shrinkage": self.shrinkage > 0,
-            "threshold": self.threshold > 0,
-            "max_features": self.max_features >= self.directions,
-            "probe_samples": self.probe_samples >= 1,
-            "probe_blends": self.probe_blends >= 1,
-            "max_listed": self.max_listed >= 0,
-            "batch_size": self.batch_size >= 1,
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise InvalidOptionError(f"invalid spectral signatures option(s): {', '.join(bad)}")
 
 
 @dataclass(frozen=True, eq=False)  # holds tensors: compare by identity
@@ -489,7 +442,7 @@ def needs_training_data(inputs: ScanInputs) -> str | None:
     return None
 
 
-def spectral_detector(inputs: ScanInputs, config: SpectralConfig = SpectralConfig()) -> DetectorResult:
+def spectral_detector(inputs: ScanInputs, config: SpectralConfig | None = None) -> DetectorResult:
     """The ``spectral_signatures`` detector: :func:`detect_poisoned_samples` on the uploaded training data.
 
     Details (JSON): ``threshold``, ``estimated_poisoned_samples`` and, per analysed class, ``class``,
@@ -501,6 +454,7 @@ def spectral_detector(inputs: ScanInputs, config: SpectralConfig = SpectralConfi
     training = inputs.training
     if training is None:
         return DetectorResult.skipped("no training data given (training_data)")
+    config = config or inputs.config.spectral
 
     def progress(fraction: float, message: str) -> None:
         # Runs after Neural Cleanse (which reports up to 0.95 of the scan) and takes about a second.
