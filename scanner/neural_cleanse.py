@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from scanner.attacks import Trigger, attack_success_rate
 from scanner.config import NeuralCleanseConfig
 from scanner.stats import anomaly_index, null_max_index_quantile, small_outliers
 
@@ -382,25 +383,18 @@ class NeuralCleanseResult:
         return [t.target for t, flag in zip(self.triggers, self.flagged, strict=True) if flag]
 
 
-@torch.no_grad()
 def _attack_success_rates(
-    model: nn.Module, images: Tensor, labels: Tensor, triggers: Sequence[ClassTrigger], batch_size: int = 512
+    model: nn.Module, images: Tensor, labels: Tensor, triggers: Sequence[ClassTrigger]
 ) -> list[float]:
-    """For each trigger: the fraction of samples of other classes that the stamped trigger sends to its class."""
-    rates = []
+    """For each reversed trigger: the fraction of other classes' samples that it sends to its class (nan: none)."""
     device = images.device
+    rates = []
     for trigger in triggers:
-        others = images[labels.to(device) != trigger.target]
-        if others.shape[0] == 0:
+        if not bool((labels != trigger.target).any()):
             rates.append(float("nan"))
             continue
-        mask = trigger.mask.to(device)
-        pattern = trigger.pattern.to(device)
-        hits = 0
-        for start in range(0, others.shape[0], batch_size):
-            stamped = (1 - mask) * others[start : start + batch_size] + mask * pattern
-            hits += int((model(stamped).argmax(dim=1) == trigger.target).sum())
-        rates.append(hits / others.shape[0])
+        stamp = Trigger(mask=trigger.mask.to(device), pattern=trigger.pattern.to(device))
+        rates.append(attack_success_rate(model, images, labels.to(device), stamp, trigger.target, device=device))
     return rates
 
 

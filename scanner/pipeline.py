@@ -20,7 +20,7 @@ from scanner.detectors import DETECTORS, Detector, Progress, ScanInputs
 from scanner.errors import ScanCancelled, ScannerError, UnsafeFileError
 from scanner.formats import load_model
 from scanner.model_file import ModelFileReport
-from scanner.verdict import DetectorResult, DetectorStatus, ModelInfo, ScannerInfo, Verdict
+from scanner.verdict import BACKDOOR_DETECTORS, DetectorResult, DetectorStatus, ModelInfo, ScannerInfo, Verdict
 
 __all__ = ["file_sha256", "scan"]
 
@@ -86,7 +86,7 @@ def scan(
         model_info = ModelInfo(format=exc.report.format.value, sha256=sha256, size_bytes=size_bytes)
         not_loaded = DetectorResult.skipped("the model file is unsafe and was not loaded")
         detectors = {"model_file": _model_file_result(exc.report, time.perf_counter() - started)}
-        detectors.update({name: not_loaded for name in ("neural_cleanse", "spectral_signatures")})
+        detectors.update(dict.fromkeys(BACKDOOR_DETECTORS, not_loaded))
         progress(1.0, "done", "unsafe file")
         return Verdict(detectors=detectors, scanner=scanner_info, model=model_info)
     detectors = {"model_file": _model_file_result(loaded.report, time.perf_counter() - started)}
