@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from scanner.errors import InvalidOptionError
+from scanner.verdict import BACKDOOR_DETECTORS
 
 __all__ = ["DataLimits", "ModelOptions", "NeuralCleanseConfig", "ScanConfig", "SpectralConfig"]
 
@@ -229,10 +230,22 @@ class SpectralConfig:
 
 @dataclass(frozen=True)
 class ScanConfig:
-    """Everything one scan needs besides file paths and the device."""
+    """Everything one scan needs besides file paths and the device.
+
+    ``detectors`` names the backdoor detectors to run (default: all whose data is given); the others are
+    reported as skipped. The ``model_file`` check always runs.
+    """
 
     model: ModelOptions = field(default_factory=ModelOptions)
     seed: int = 0
     neural_cleanse: NeuralCleanseConfig = field(default_factory=NeuralCleanseConfig)
     spectral: SpectralConfig = field(default_factory=SpectralConfig)
     data_limits: DataLimits = field(default_factory=DataLimits)
+    detectors: tuple[str, ...] = BACKDOOR_DETECTORS
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.detectors) - set(BACKDOOR_DETECTORS))
+        if unknown:
+            raise InvalidOptionError(
+                f"unknown detector(s) {', '.join(unknown)}; choose from {', '.join(BACKDOOR_DETECTORS)}"
+            )

@@ -56,7 +56,7 @@ from scanner.model_file import (
     scan_model_file,
 )
 
-__all__ = ["ExportedClassifier", "LoadedModel", "ModelFormat", "detect_format", "load_model"]
+__all__ = ["ExportedClassifier", "LoadedModel", "ModelFormat", "check_model_file", "detect_format", "load_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,9 @@ class ModelFormat(StrEnum):
     torchscript = "torchscript"
     pickle = "pickle"
     unknown = "unknown"
+
+
+_STATE_DICT_FORMATS = frozenset({ModelFormat.safetensors, ModelFormat.torch_zip, ModelFormat.torch_legacy})
 
 
 @dataclass
@@ -239,28 +242,20 @@ def _is_legacy_magic(head: bytes) -> bool:
     return values == [LEGACY_MAGIC_NUMBER]
 
 
-def load_model(path: Path, options: ModelOptions, device: torch.device) -> LoadedModel:
-    """Check and load an untrusted checkpoint as a classifier on ``device``.
+def check_model_file(path: Path, options: ModelOptions) -> ModelFileReport:
+    """Everything about an untrusted checkpoint that can be decided without loading it.
 
-    Args:
-        path: the checkpoint.
-        options: ``arch``/``num_classes`` for state_dicts, ``input_shape``, ``trust_code``.
-        device: where the module should live.
+    Runs the ``model_file`` check and refuses what :func:`load_model` would refuse before loading: cheap
+    enough to run while an upload request waits, so an unsafe file is reported at once.
 
     Returns:
-        The module in inference mode with frozen parameters, its input shape and class count
-        (checked with one forward pass on zeros ``(1, C, H, W)`` when the input shape is known).
+        The ``model_file`` report of a file that :func:`load_model` may go on to load.
 
     Raises:
-        EmptyFileError, CorruptFileError: the file is empty, truncated or inconsistent.
+        EmptyFileError, CorruptFileError: the file is empty or its container is broken.
         UnsafeFileError: the ``model_file`` check flagged something (``exc.report``).
-        UnsupportedFormatError: bare pickles, legacy tar files, unknown formats, non-tensor data.
+        UnsupportedFormatError: bare pickles, legacy tar files, unknown formats.
         TrustRequiredError: TorchScript without ``options.trust_code``.
-        UnknownArchitectureError: a state_dict without an allowlisted ``arch``.
-        StateDictMismatchError: the state_dict does not fit ``arch``.
-        DataModelMismatchError: the model rejects ``input_shape`` or does not output ``(1, K)``.
-        InvalidOptionError: ``num_classes`` disagrees with the model's output.
-        DeviceUnavailableError: the model cannot be moved to ``device``.
     """
     report = scan_model_file(path)
     if report.findings:
@@ -286,7 +281,38 @@ def load_model(path: Path, options: ModelOptions, device: torch.device) -> Loade
             "not a supported model format; accepted: torch.export archive (.pt2), safetensors state_dict,"
             " torch.save state_dict (.pt/.pth), TorchScript (with trust_code)"
         )
+    if file_format in _STATE_DICT_FORMATS:
+        _arch_name(options)
+    if file_format is ModelFormat.safetensors:
+        _check_safetensors_header(path)
+    return report
 
+
+def load_model(path: Path, options: ModelOptions, device: torch.device) -> LoadedModel:
+    """Check and load an untrusted checkpoint as a classifier on ``device``.
+
+    Args:
+        path: the checkpoint.
+        options: ``arch``/``num_classes`` for state_dicts, ``input_shape``, ``trust_code``.
+        device: where the module should live.
+
+    Returns:
+        The module in inference mode with frozen parameters, its input shape and class count
+        (checked with one forward pass on zeros ``(1, C, H, W)`` when the input shape is known).
+
+    Raises:
+        EmptyFileError, CorruptFileError: the file is empty, truncated or inconsistent.
+        UnsafeFileError: the ``model_file`` check flagged something (``exc.report``).
+        UnsupportedFormatError: bare pickles, legacy tar files, unknown formats, non-tensor data.
+        TrustRequiredError: TorchScript without ``options.trust_code``.
+        UnknownArchitectureError: a state_dict without an allowlisted ``arch``.
+        StateDictMismatchError: the state_dict does not fit ``arch``.
+        DataModelMismatchError: the model rejects ``input_shape`` or does not output ``(1, K)``.
+        InvalidOptionError: ``num_classes`` disagrees with the model's output.
+        DeviceUnavailableError: the model cannot be moved to ``device``.
+    """
+    report = check_model_file(path, options)
+    file_format = report.format
     try:
         if file_format is ModelFormat.pt2:
             module, input_shape = _load_exported(path, options, device, report)
@@ -441,7 +467,6 @@ def _load_state_dict_model(
 ) -> tuple[nn.Module, tuple[int, int, int]]:
     arch = _arch_name(options)
     if file_format is ModelFormat.safetensors:
-        _check_safetensors_header(path)
         from safetensors.torch import load_file
 
         loaded: object = load_file(str(path), device="cpu")

@@ -134,6 +134,8 @@ def _shape_of(samples: Samples | None) -> tuple[int, int, int] | None:
 
 
 def _run_detector(detector: Detector, inputs: ScanInputs) -> DetectorResult:
+    if detector.name not in inputs.config.detectors:
+        return DetectorResult.skipped("not requested (detectors option)")
     reason = detector.needs(inputs)
     if reason is not None:
         return DetectorResult.skipped(reason)

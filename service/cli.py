@@ -7,12 +7,20 @@ Exit codes (the convention model scanners in pipelines use): 0 clean (or inconcl
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import logging
+import os
+import secrets
+import signal
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    from service.config import Settings
 
 EXIT_CLEAN = 0
 EXIT_FINDINGS = 1
@@ -79,7 +87,102 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--format", choices=("json", "text"), default="text", help="report format (default: text)")
     scan.add_argument("--artifacts", type=Path, metavar="DIR", help="write verdict.json and detector artifacts here")
     scan.set_defaults(handler=_cmd_scan)
+
+    serve = commands.add_parser("serve", help="run the API with embedded workers (settings: BDS_* variables)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes to start beside the API (default: 1)")
+    serve.set_defaults(handler=_cmd_serve)
+
+    worker = commands.add_parser("worker", help="run a scan worker (settings: BDS_* variables)")
+    worker.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: BDS_DEVICE, else auto)")
+    worker.add_argument("--threads", type=int, help="scans this process runs at a time (default: BDS_WORKER_THREADS)")
+    worker.set_defaults(handler=_cmd_worker)
     return parser
+
+
+def _service_settings(**overrides: object) -> Settings:
+    from service.config import get_settings
+    from service.logs import configure_logging
+
+    settings = get_settings()
+    updates = {name: value for name, value in overrides.items() if value is not None}
+    if updates:
+        settings = settings.model_validate({**settings.model_dump(), **updates})
+    configure_logging(settings.log_level, settings.log_json)
+    return settings
+
+
+def _local_api_key(data_dir: Path) -> str:
+    """The embedded server's own API key: made once, kept (mode 0600) in the data directory."""
+    path = data_dir / "api-key"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    key = f"bds_{secrets.token_urlsafe(24)}"
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key + "\n")
+    return key
+
+
+def _die_with_parent() -> None:
+    """In a worker child: get SIGTERM when the serving process dies, even by SIGKILL (Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.main import create_app
+
+    settings = _service_settings()
+    key_note = ""
+    if settings.auth_disabled:
+        print(
+            "backdoor-scan: WARNING: authentication is DISABLED (BDS_AUTH_DISABLED): anyone who can reach this"
+            " port can submit and read scans",
+            file=sys.stderr,
+        )
+    elif not settings.api_keys:
+        key = _local_api_key(settings.data_dir)
+        settings = settings.model_copy(update={"api_keys": (key,)})
+        key_note = f"API key:    {key}   (kept in {settings.data_dir / 'api-key'}; set BDS_API_KEYS to choose your own)"
+    else:
+        key_note = f"API keys:   {len(settings.api_keys)} from BDS_API_KEYS"
+    app = create_app(settings)
+    workers = [
+        subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], preexec_fn=_die_with_parent)
+        for _ in range(max(0, args.workers))
+    ]
+    url = f"http://{args.host}:{args.port}"
+    print(f"backdoor-scan serving on {url}   (Swagger UI: {url}/docs)", flush=True)
+    if key_note:
+        print(key_note, flush=True)
+    print(f"data:       {settings.data_dir.resolve()}   workers: {len(workers)}", flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_config=None, timeout_graceful_shutdown=10)
+    finally:
+        for process in workers:
+            process.terminate()
+        for process in workers:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    return EXIT_CLEAN
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from service.worker import run_worker
+
+    run_worker(_service_settings(device=args.device, worker_threads=args.threads))
+    return EXIT_CLEAN
 
 
 def _cmd_scan(args: argparse.Namespace) -> int:
@@ -120,6 +223,8 @@ def _cmd_scan(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``backdoor-scan`` console script; returns the process exit code."""
     args = build_parser().parse_args(argv)
+    if args.command in ("serve", "worker"):
+        return int(args.handler(args))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     from scanner.errors import ScannerError
 

@@ -1,0 +1,53 @@
+"""The huey queue: carries scan ids only (never payloads); the job table stays the source of truth."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from huey import Huey, RedisHuey, SqliteHuey
+
+from service.config import Settings
+
+__all__ = ["ScanQueue", "build_huey"]
+
+TASK_NAME = "backdoor_scan.run_scan"
+
+
+def build_huey(settings: Settings, *, immediate: bool = False) -> Huey:
+    """``sqlite:///FILE`` (the embedded default) or ``redis://HOST:PORT/DB``."""
+    url = settings.resolved_queue_url
+    if url.startswith("sqlite:///"):
+        filename = url.removeprefix("sqlite:///")
+        return SqliteHuey(name="backdoor-scan", filename=filename, results=False, immediate=immediate)
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        return RedisHuey(name="backdoor-scan", url=url, results=False, immediate=immediate)
+    raise ValueError(f"BDS_QUEUE_URL must start with sqlite:/// or redis://, got {url!r}")
+
+
+class ScanQueue:
+    """Enqueue scan ids; in a worker, ``runner`` executes them."""
+
+    def __init__(self, settings: Settings, runner: Callable[[str], None] | None = None, *, immediate: bool = False):
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.huey = build_huey(settings, immediate=immediate)
+        self._runner = runner
+        self._task = self.huey.task(name=TASK_NAME)(self._run)
+
+    def _run(self, scan_id: str) -> None:
+        if self._runner is None:
+            raise RuntimeError("this process only enqueues scans; run `backdoor-scan worker` to execute them")
+        self._runner(scan_id)
+
+    def enqueue(self, scan_id: str) -> None:
+        self._task(scan_id)
+
+    def pending_count(self) -> int:
+        """Messages waiting in the queue (also a cheap liveness check of the queue backend)."""
+        return int(self.huey.pending_count())
+
+    def pending_scan_ids(self) -> set[str]:
+        ids: set[str] = set()
+        for task in self.huey.pending():
+            if task.name == TASK_NAME and task.args:
+                ids.add(str(task.args[0]))
+        return ids

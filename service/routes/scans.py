@@ -1,0 +1,247 @@
+"""``/v1/scans``: submit a checkpoint, follow the scan, read the verdict and its artifacts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from http import HTTPStatus
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+from pydantic import ValidationError
+
+from scanner.errors import ScannerError
+from scanner.formats import check_model_file
+from service.deps import ApiKeyDep, StateDep
+from service.jobs import JobStatus, NewScan, Scan, new_scan_id
+from service.problems import PROBLEM_JSON, ServiceError, scanner_problem
+from service.schemas import FILE_FIELDS, ScanList, ScanOptions, ScanPublic, scan_config, upload_form_schema
+from service.storage import ScanFiles, parse_upload
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v1/scans", tags=["scans"], dependencies=[ApiKeyDep])
+
+
+def _problem(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {PROBLEM_JSON: {}}}
+
+
+_AUTH: dict[int | str, dict[str, Any]] = {401: _problem("missing or invalid API key")}
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: _problem("no such scan")}
+_MEDIA_TYPES = {".png": "image/png", ".npy": "application/octet-stream", ".json": "application/json"}
+
+
+def _scan_or_404(scan: Scan | None, scan_id: str) -> Scan:
+    if scan is None:
+        raise ServiceError(HTTPStatus.NOT_FOUND, "scan_not_found", f"no scan with id {scan_id!r}")
+    return scan
+
+
+def _dedup_key(files: dict[str, Any], options: ScanOptions) -> str:
+    identity = {
+        "files": {name: files[name].sha256 for name in FILE_FIELDS if name in files},
+        "options": options.model_dump(mode="json"),
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _idempotency_key(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not 1 <= len(value) <= 255 or not value.isprintable():
+        raise ServiceError(
+            HTTPStatus.UNPROCESSABLE_ENTITY,
+            "invalid_idempotency_key",
+            "Idempotency-Key must be 1-255 printable characters",
+        )
+    return value
+
+
+@router.post(
+    "",
+    status_code=HTTPStatus.ACCEPTED,
+    response_model=ScanPublic,
+    openapi_extra={"requestBody": upload_form_schema()},
+    responses={
+        200: {"description": "the same upload was already submitted: the existing scan", "model": ScanPublic},
+        **_AUTH,
+        403: _problem("trust_code asked for, but the server does not allow TorchScript"),
+        413: _problem("a file is larger than BDS_MAX_UPLOAD_MB"),
+        415: _problem("not multipart/form-data, or an unsupported model format"),
+        422: _problem("invalid options, or a model file that is unsafe, corrupt or empty"),
+    },
+)
+async def create_scan(
+    request: Request,
+    response: Response,
+    state: StateDep,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> ScanPublic:
+    """Upload a checkpoint (and optional clean samples / training data) and queue a scan of it."""
+    key = _idempotency_key(idempotency_key)
+    settings = state.settings
+    scan_id = new_scan_id()
+    files = ScanFiles(settings.scans_dir, scan_id)
+    parsed = await parse_upload(
+        request.stream(),
+        request.headers.get("content-type"),
+        request.headers.get("content-length"),
+        files,
+        FILE_FIELDS,
+        frozenset(ScanOptions.model_fields),
+        settings.max_upload_bytes,
+        on_bytes=state.metrics.upload_bytes.inc,
+    )
+    try:
+        scan, created = await run_in_threadpool(_accept, state, scan_id, files, parsed.files, parsed.fields, key)
+    except BaseException:
+        files.remove()
+        raise
+    if not created:
+        files.remove()
+        response.status_code = HTTPStatus.OK
+    else:
+        logger.info("scan queued", extra={"scan_id": scan.id, "sha256": scan.model_sha256})
+    response.headers["Location"] = f"/v1/scans/{scan.id}"
+    return ScanPublic.of(scan)
+
+
+def _accept(
+    state: StateDep, scan_id: str, files: ScanFiles, uploaded: dict[str, Any], fields: dict[str, str], key: str | None
+) -> tuple[Scan, bool]:
+    """Validate, check the model file, then insert and enqueue (or return the scan this upload repeats)."""
+    if "model" not in uploaded:
+        raise ServiceError(HTTPStatus.UNPROCESSABLE_ENTITY, "missing_model", "the 'model' file part is required")
+    for name, info in uploaded.items():
+        if info.size_bytes == 0:
+            raise ServiceError(HTTPStatus.UNPROCESSABLE_ENTITY, "empty_file", f"the {name!r} file is empty")
+    try:
+        options = ScanOptions.model_validate(fields)
+    except ValidationError as exc:
+        errors = [
+            {"loc": [str(part) for part in error["loc"]], "msg": error["msg"], "type": error["type"]}
+            for error in exc.errors(include_url=False, include_context=False, include_input=False)
+        ]
+        detail = "; ".join(f"{'.'.join(e['loc'])}: {e['msg']}" for e in errors)
+        raise ServiceError(HTTPStatus.UNPROCESSABLE_ENTITY, "invalid_options", detail, errors=errors) from None
+    if options.trust_code and not state.settings.allow_torchscript:
+        raise ServiceError(
+            HTTPStatus.FORBIDDEN,
+            "trust_code_not_allowed",
+            "this server does not load TorchScript (it runs code when loaded); export the model with torch.export",
+        )
+    try:
+        config = scan_config(options)
+    except ScannerError as exc:
+        raise scanner_problem(exc) from None
+
+    dedup_key = _dedup_key(uploaded, options)
+    store = state.store
+    if key is not None:
+        existing = store.by_idempotency_key(key)
+        if existing is not None:
+            if existing.dedup_key != dedup_key:
+                raise ServiceError(
+                    HTTPStatus.UNPROCESSABLE_ENTITY,
+                    "idempotency_key_reused",
+                    "this Idempotency-Key was used for a different upload",
+                    scan_id=existing.id,
+                )
+            return existing, False
+    existing = store.reusable(dedup_key)
+    if existing is not None:
+        return existing, False
+
+    try:
+        report = check_model_file(files.upload("model"), config.model)
+    except ScannerError as exc:
+        raise scanner_problem(exc) from None
+
+    scan, created = store.create(
+        NewScan(
+            id=scan_id,
+            model=uploaded["model"],
+            model_format=report.format.value,
+            data=uploaded.get("data"),
+            training_data=uploaded.get("training_data"),
+            options=options.model_dump(mode="json", exclude_defaults=True),
+            dedup_key=dedup_key,
+            idempotency_key=key,
+        )
+    )
+    if created:
+        try:
+            state.queue.enqueue(scan.id)
+        except Exception:  # the row is the truth: a worker's reaper enqueues queued scans the queue lacks
+            logger.exception("enqueue failed; the reaper will enqueue the scan", extra={"scan_id": scan.id})
+    return scan, created
+
+
+@router.get("", response_model=ScanList, responses=_AUTH)
+def list_scans(
+    state: StateDep,
+    status: Annotated[JobStatus | None, Query(description="only scans with this status")] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
+) -> ScanList:
+    """List scans, newest first."""
+    rows, total = state.store.list_scans(status, limit, offset)
+    return ScanList(items=[ScanPublic.of(row) for row in rows], total=total, limit=limit, offset=offset)
+
+
+@router.get("/{scan_id}", response_model=ScanPublic, responses={**_AUTH, **_NOT_FOUND})
+def get_scan(scan_id: str, state: StateDep) -> ScanPublic:
+    """A scan: status, progress and, once succeeded, the verdict."""
+    return ScanPublic.of(_scan_or_404(state.store.get(scan_id), scan_id))
+
+
+@router.post(
+    "/{scan_id}/cancel",
+    status_code=HTTPStatus.ACCEPTED,
+    response_model=ScanPublic,
+    responses={**_AUTH, **_NOT_FOUND, 409: _problem("the scan already finished")},
+)
+def cancel_scan(scan_id: str, state: StateDep) -> ScanPublic:
+    """Cancel a scan: a queued one at once, a running one at its next progress point."""
+    scan = _scan_or_404(state.store.get(scan_id), scan_id)
+    if scan.status in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled):
+        raise ServiceError(HTTPStatus.CONFLICT, "scan_finished", f"the scan already finished ({scan.status})")
+    return ScanPublic.of(_scan_or_404(state.store.request_cancel(scan_id), scan_id))
+
+
+@router.delete(
+    "/{scan_id}",
+    status_code=HTTPStatus.NO_CONTENT,
+    response_class=Response,
+    responses={**_AUTH, **_NOT_FOUND, 409: _problem("the scan is running: cancel it first")},
+)
+def delete_scan(scan_id: str, state: StateDep) -> Response:
+    """Delete a scan that is not running, with its uploaded files and artifacts."""
+    scan = _scan_or_404(state.store.get(scan_id), scan_id)
+    if scan.status == JobStatus.running:
+        raise ServiceError(HTTPStatus.CONFLICT, "scan_running", "the scan is running: cancel it first, then delete it")
+    state.store.delete(scan_id)
+    ScanFiles(state.settings.scans_dir, scan_id).remove()
+    return Response(status_code=HTTPStatus.NO_CONTENT)
+
+
+@router.get(
+    "/{scan_id}/artifacts/{name}",
+    response_class=FileResponse,
+    responses={
+        **_AUTH,
+        404: _problem("no such scan or artifact"),
+        200: {"content": {"image/png": {}, "application/octet-stream": {}, "application/json": {}}},
+    },
+)
+def get_artifact(scan_id: str, name: str, state: StateDep) -> FileResponse:
+    """A file a detector made: trigger mask/pattern PNG and npy, suspicious-sample lists, verdict.json."""
+    _scan_or_404(state.store.get(scan_id), scan_id)
+    path = ScanFiles(state.settings.scans_dir, scan_id).artifact(name)
+    if path is None or not path.is_file():
+        raise ServiceError(HTTPStatus.NOT_FOUND, "artifact_not_found", f"scan {scan_id} has no artifact {name!r}")
+    return FileResponse(path, media_type=_MEDIA_TYPES.get(path.suffix, "application/octet-stream"))

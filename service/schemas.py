@@ -1,0 +1,248 @@
+"""API models: ``ScanOptions`` accepted with an upload, ``ScanPublic`` returned; and the one function that
+turns accepted options into scanner config."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from scanner.config import ModelOptions as ScannerModelOptions
+from scanner.config import NeuralCleanseConfig, ScanConfig, SpectralConfig
+from scanner.verdict import BACKDOOR_DETECTORS
+from service.jobs import JobStatus, Scan
+
+__all__ = [
+    "ErrorPublic",
+    "ModelPublic",
+    "ProgressPublic",
+    "ScanList",
+    "ScanOptions",
+    "ScanPublic",
+    "scan_config",
+]
+
+
+def _numbers(value: object, kind: type[int] | type[float], name: str) -> object:
+    if isinstance(value, str):
+        text = value.strip().strip("[]()")
+        if not text:
+            return None
+        try:
+            return [kind(part) for part in text.split(",")]
+        except ValueError:
+            raise ValueError(f"{name} must be comma-separated numbers") from None
+    return value
+
+
+class ScanOptions(BaseModel):
+    """Options of one scan, sent as multipart form fields beside the files."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    arch: str | None = Field(
+        default=None, max_length=64, description="architecture of a state_dict: mnist_cnn, cifar_cnn, resnet18, ..."
+    )
+    num_classes: int | None = Field(default=None, ge=2, le=100_000, description="class count for arch")
+    input_shape: list[int] | None = Field(
+        default=None, min_length=3, max_length=3, description="C,H,W of one input image, e.g. 1,28,28"
+    )
+    mean: list[float] | None = Field(
+        default=None, min_length=1, max_length=16, description="per-channel mean, e.g. 0.1307"
+    )
+    std: list[float] | None = Field(
+        default=None, min_length=1, max_length=16, description="per-channel std, e.g. 0.3081"
+    )
+    detectors: list[Literal["neural_cleanse", "spectral_signatures"]] | None = Field(
+        default=None, min_length=1, description="backdoor detectors to run (default: all whose data is given)"
+    )
+    seed: int = Field(default=0, ge=0, le=2**31 - 1, description="random seed")
+    trust_code: bool = Field(default=False, description="load TorchScript (runs code; the server must allow it)")
+    nc_restarts: int | None = Field(default=None, ge=1, le=5, description="Neural Cleanse restarts per class")
+    nc_max_steps: int | None = Field(default=None, ge=1, le=10_000, description="Neural Cleanse step limit per class")
+    nc_anomaly_threshold: float | None = Field(
+        default=None, gt=0, le=100, description="fixed anomaly-index threshold (default: calibrated)"
+    )
+    spectral_threshold: float | None = Field(default=None, gt=0, le=100, description="spectral separation threshold")
+
+    @field_validator("input_shape", mode="before")
+    @classmethod
+    def _shape(cls, value: object) -> object:
+        return _numbers(value, int, "input_shape")
+
+    @field_validator("mean", "std", mode="before")
+    @classmethod
+    def _floats(cls, value: object) -> object:
+        return _numbers(value, float, "mean/std")
+
+    @field_validator("detectors", mode="before")
+    @classmethod
+    def _names(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()] or None
+        return value
+
+    @field_validator("arch", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+
+#: The form fields of ``POST /v1/scans`` besides the option fields.
+FILE_FIELDS = ("model", "data", "training_data")
+
+
+def upload_form_schema() -> dict[str, Any]:
+    """The multipart request body of ``POST /v1/scans`` for the OpenAPI document (and Swagger UI's form)."""
+    properties: dict[str, Any] = {
+        "model": {"type": "string", "format": "binary", "description": "the checkpoint (.pt2, safetensors, .pt)"},
+        "data": {
+            "type": "string",
+            "format": "binary",
+            "description": "clean labelled samples (.npz or ImageFolder .zip)",
+        },
+        "training_data": {"type": "string", "format": "binary", "description": "the training set to inspect"},
+    }
+    scalar = {int: "integer", float: "number", bool: "boolean", str: "string"}
+    for name, info in ScanOptions.model_fields.items():
+        annotation = info.annotation
+        args = getattr(annotation, "__args__", (annotation,))
+        base = next((a for a in args if a in scalar), str)
+        prop: dict[str, Any] = {"type": scalar[base], "description": info.description or ""}
+        if name in ("input_shape", "mean", "std", "detectors"):
+            prop = {"type": "string", "description": f"{info.description} (comma-separated)"}
+        if name == "detectors":
+            prop["example"] = ",".join(BACKDOOR_DETECTORS)
+        properties[name] = prop
+    return {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": {"type": "object", "required": ["model"], "properties": properties}}
+        },
+    }
+
+
+def scan_config(options: ScanOptions) -> ScanConfig:
+    """The one place where accepted options become scanner config.
+
+    Raises:
+        InvalidOptionError: the combination is invalid (for example mean without std).
+    """
+    model = ScannerModelOptions(
+        arch=options.arch,
+        num_classes=options.num_classes,
+        input_shape=(options.input_shape[0], options.input_shape[1], options.input_shape[2])
+        if options.input_shape
+        else None,
+        mean=tuple(options.mean) if options.mean else None,
+        std=tuple(options.std) if options.std else None,
+        trust_code=options.trust_code,
+    )
+    neural_cleanse = NeuralCleanseConfig()
+    if options.nc_restarts is not None:
+        neural_cleanse = replace(neural_cleanse, restarts=options.nc_restarts)
+    if options.nc_max_steps is not None:
+        neural_cleanse = replace(neural_cleanse, max_steps=options.nc_max_steps)
+    if options.nc_anomaly_threshold is not None:
+        neural_cleanse = replace(neural_cleanse, anomaly_threshold=options.nc_anomaly_threshold)
+    spectral = SpectralConfig()
+    if options.spectral_threshold is not None:
+        spectral = replace(spectral, threshold=options.spectral_threshold)
+    return ScanConfig(
+        model=model,
+        seed=options.seed,
+        neural_cleanse=neural_cleanse,
+        spectral=spectral,
+        detectors=tuple(options.detectors) if options.detectors else BACKDOOR_DETECTORS,
+    )
+
+
+class ProgressPublic(BaseModel):
+    fraction: float = Field(description="0 to 1")
+    stage: str
+    message: str
+
+
+class FilePublic(BaseModel):
+    filename: str = Field(description="the name the client sent (display only; stored under a server-chosen name)")
+    sha256: str
+    size_bytes: int
+
+
+class ModelPublic(FilePublic):
+    format: str
+
+
+class ErrorPublic(BaseModel):
+    code: str
+    detail: str
+
+
+class ScanPublic(BaseModel):
+    """A scan as clients see it."""
+
+    id: str
+    status: JobStatus
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    progress: ProgressPublic
+    attempts: int
+    model: ModelPublic
+    data: FilePublic | None
+    training_data: FilePublic | None
+    options: dict[str, Any]
+    verdict: str | None = Field(description="clean, backdoored, unsafe_file or inconclusive once succeeded")
+    result: dict[str, Any] | None = Field(description="the full verdict once succeeded (see the README)")
+    error: ErrorPublic | None
+    links: dict[str, str]
+
+    @classmethod
+    def of(cls, scan: Scan) -> ScanPublic:
+        base = f"/v1/scans/{scan.id}"
+        data = training = None
+        if scan.data_sha256 is not None:
+            data = FilePublic(
+                filename=scan.data_filename or "", sha256=scan.data_sha256, size_bytes=scan.data_size_bytes or 0
+            )
+        if scan.training_data_sha256 is not None:
+            training = FilePublic(
+                filename=scan.training_data_filename or "",
+                sha256=scan.training_data_sha256,
+                size_bytes=scan.training_data_size_bytes or 0,
+            )
+        return cls(
+            id=scan.id,
+            status=JobStatus(scan.status),
+            created_at=scan.created_at,
+            updated_at=scan.updated_at,
+            started_at=scan.started_at,
+            finished_at=scan.finished_at,
+            progress=ProgressPublic(
+                fraction=scan.progress_fraction, stage=scan.progress_stage, message=scan.progress_message
+            ),
+            attempts=scan.attempts,
+            model=ModelPublic(
+                filename=scan.model_filename,
+                sha256=scan.model_sha256,
+                size_bytes=scan.model_size_bytes,
+                format=scan.model_format,
+            ),
+            data=data,
+            training_data=training,
+            options=scan.options,
+            verdict=scan.verdict,
+            result=scan.result,
+            error=ErrorPublic(code=scan.error_code, detail=scan.error_detail or "") if scan.error_code else None,
+            links={"self": base, "cancel": f"{base}/cancel", "artifacts": f"{base}/artifacts/{{name}}"},
+        )
+
+
+class ScanList(BaseModel):
+    items: list[ScanPublic]
+    total: int
+    limit: int
+    offset: int

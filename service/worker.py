@@ -1,0 +1,234 @@
+"""The worker: the one place where scan exceptions become stored failures.
+
+A worker process runs huey's consumer (scan ids from the queue), a heartbeat per running scan, and the
+reaper, which re-queues scans whose worker stopped beating (bounded attempts, then ``worker_lost``) and
+re-enqueues queued scans that the queue does not hold (an API that died between its insert and its enqueue).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any
+
+from scanner.errors import ScanCancelled, ScannerError
+from service.config import Settings
+from service.jobs import JobStatus, JobStore, create_db_engine, migrate
+from service.queue import ScanQueue
+from service.schemas import ScanOptions, scan_config
+from service.storage import ScanFiles
+
+__all__ = ["ScanExecutor", "TimeLimitExceeded", "run_worker"]
+
+logger = logging.getLogger(__name__)
+
+#: Progress is written at most this often (the cancel flag is read with it).
+PROGRESS_INTERVAL_S = 0.5
+
+
+class TimeLimitExceeded(ScanCancelled):
+    code = "time_limit_exceeded"
+
+
+def artifact_urls(value: Any, base: str) -> Any:
+    """Replace artifact file names under every ``artifacts`` mapping of a verdict dict by their URLs."""
+    if isinstance(value, dict):
+        return {
+            key: (
+                {name: f"{base}/{file}" for name, file in item.items()}
+                if key == "artifacts" and isinstance(item, dict)
+                else artifact_urls(item, base)
+            )
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [artifact_urls(item, base) for item in value]
+    return value
+
+
+class ScanExecutor:
+    """Runs one scan by id: claim, scan with heartbeat/progress/cancel/time limit, store the outcome."""
+
+    def __init__(self, settings: Settings, store: JobStore):
+        self.settings = settings
+        self.store = store
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+
+    @contextmanager
+    def _heartbeat(self, scan_id: str, worker_id: str) -> Iterator[None]:
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self.settings.heartbeat_interval_s):
+                try:
+                    self.store.heartbeat(scan_id, worker_id)
+                except Exception:  # a database hiccup must not kill the scan; the next beat retries
+                    logger.warning("heartbeat failed", exc_info=True, extra={"scan_id": scan_id})
+
+        thread = threading.Thread(target=beat, name=f"heartbeat-{scan_id[:8]}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+    def run(self, scan_id: str) -> None:
+        worker_id = f"{self.worker_id}:{threading.get_ident()}"
+        if not self.store.claim(scan_id, worker_id):
+            logger.info("scan not claimable (already taken, cancelled or deleted)", extra={"scan_id": scan_id})
+            return
+        scan = self.store.get(scan_id)
+        if scan is None:
+            return
+        log = {"scan_id": scan_id, "sha256": scan.model_sha256}
+        logger.info("scan started (attempt %d)", scan.attempts, extra=log)
+        with self._heartbeat(scan_id, worker_id):
+            status, fields = self._execute(scan_id, worker_id, scan.options, log)
+        if self.store.finish(scan_id, worker_id, status, **fields):
+            logger.info("scan %s %s", status, fields.get("verdict") or fields.get("error_code") or "", extra=log)
+        else:
+            logger.warning("scan outcome dropped: the scan is no longer this worker's", extra=log)
+
+    def _execute(
+        self, scan_id: str, worker_id: str, options: dict[str, Any], log: dict[str, str]
+    ) -> tuple[JobStatus, dict[str, Any]]:
+        from scanner.device import resolve_device
+        from scanner.pipeline import scan
+        from scanner.report import write_artifacts
+
+        files = ScanFiles(self.settings.scans_dir, scan_id)
+        deadline = time.monotonic() + self.settings.scan_time_limit_s
+        last_write = 0.0
+
+        def progress(fraction: float, stage: str, message: str) -> None:
+            nonlocal last_write
+            now = time.monotonic()
+            if now > deadline:
+                raise TimeLimitExceeded(f"the scan ran past its time limit of {self.settings.scan_time_limit_s:g} s")
+            if now - last_write < PROGRESS_INTERVAL_S and fraction < 1.0:
+                return
+            last_write = now
+            if self.store.report_progress(scan_id, worker_id, fraction, stage, message):
+                raise ScanCancelled("cancelled by request")
+
+        try:
+            config = scan_config(ScanOptions.model_validate(options))
+            device = resolve_device(self.settings.device)
+            data = files.upload("data")
+            training = files.upload("training_data")
+            verdict = scan(
+                files.upload("model"),
+                config,
+                device,
+                data_path=data if data.exists() else None,
+                training_data_path=training if training.exists() else None,
+                progress=progress,
+            )
+            write_artifacts(verdict, files.artifacts)
+            result = artifact_urls(verdict.to_dict(), f"/v1/scans/{scan_id}/artifacts")
+            result["artifacts"] = {
+                name: f"/v1/scans/{scan_id}/artifacts/{name}"
+                for detector in verdict.detectors.values()
+                for name in detector.artifacts
+            }
+            return JobStatus.succeeded, {"result": result, "verdict": verdict.label.value}
+        except TimeLimitExceeded as exc:
+            return JobStatus.failed, {"error_code": exc.code, "error_detail": exc.detail}
+        except ScanCancelled as exc:
+            return JobStatus.cancelled, {"error_code": exc.code, "error_detail": exc.detail}
+        except ScannerError as exc:
+            return JobStatus.failed, {"error_code": exc.code, "error_detail": exc.detail}
+        except Exception:
+            logger.exception("scan crashed", extra=log)
+            return JobStatus.failed, {
+                "error_code": "internal_error",
+                "error_detail": "the scan hit an internal error; it has been logged",
+            }
+
+
+class Reaper:
+    """Beats for this worker process; re-queues scans whose worker went silent (``failed`` with
+    ``worker_lost`` after ``max_attempts``)."""
+
+    def __init__(self, settings: Settings, store: JobStore, queue: ScanQueue, worker_id: str):
+        self.settings = settings
+        self.store = store
+        self.queue = queue
+        self.worker_id = worker_id
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def reap_once(self) -> tuple[list[str], list[str]]:
+        requeued, lost = self.store.reap(
+            timedelta(seconds=self.settings.heartbeat_timeout_s), self.settings.max_attempts
+        )
+        for scan_id in requeued:
+            logger.warning("re-queued a scan whose worker was lost", extra={"scan_id": scan_id})
+            self.queue.enqueue(scan_id)
+        for scan_id in lost:
+            logger.error("scan failed: its worker was lost too many times", extra={"scan_id": scan_id})
+        # queued scans the queue does not hold (an API that stopped between its insert and its enqueue, a
+        # queue that lost its messages); a second delivery is harmless, since only one worker can claim a scan
+        settled = timedelta(seconds=max(self.settings.reaper_interval_s, 5.0))
+        pending = self.queue.pending_scan_ids()
+        orphans = [scan_id for scan_id in self.store.queued_ids(settled) if scan_id not in pending]
+        for scan_id in orphans:
+            logger.warning("enqueued a queued scan the queue did not hold", extra={"scan_id": scan_id})
+            self.queue.enqueue(scan_id)
+        return requeued + orphans, lost
+
+    def _loop(self) -> None:
+        last_reap = 0.0
+        while True:
+            try:
+                self.store.worker_beat(self.worker_id, self.settings.device)
+                if time.monotonic() - last_reap >= self.settings.reaper_interval_s:
+                    last_reap = time.monotonic()
+                    self.reap_once()
+            except Exception:
+                logger.exception("reaper pass failed")
+            if self._stop.wait(min(self.settings.heartbeat_interval_s, self.settings.reaper_interval_s)):
+                return
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="reaper", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+def run_worker(settings: Settings) -> None:
+    """Run a worker process until SIGINT/SIGTERM: huey consumer + reaper."""
+    if settings.torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    engine = create_db_engine(settings.resolved_database_url)
+    migrate(engine)
+    store = JobStore(engine)
+    executor = ScanExecutor(settings, store)
+    queue = ScanQueue(settings, runner=executor.run)
+    reaper = Reaper(settings, store, queue, executor.worker_id)
+    logger.info(
+        "worker %s started (device %s, %d thread(s))", executor.worker_id, settings.device, settings.worker_threads
+    )
+    reaper.start()
+    consumer = queue.huey.create_consumer(workers=settings.worker_threads, worker_type="thread", periodic=False)
+    try:
+        consumer.run()
+    finally:
+        reaper.stop()
+        for scan_id in store.worker_gone(executor.worker_id):
+            logger.info("re-queued the scan this worker was running", extra={"scan_id": scan_id})
+            queue.enqueue(scan_id)
+        logger.info("worker %s stopped", executor.worker_id)

@@ -1,0 +1,155 @@
+"""Service fixtures: models exported at test time, and a real ``backdoor-scan serve`` process on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from scanner.datasets import MnistSplit
+from tests.factories import BadNetsModel, to_uint8, write_npz
+
+API_KEY = "test-key-0123456789"
+
+
+@pytest.fixture(scope="session")
+def service_files(
+    tmp_path_factory: pytest.TempPathFactory, badnets: BadNetsModel, clean_model: torch.nn.Module, mnist: MnistSplit
+) -> dict[str, Path]:
+    """A BadNets model as .pt2, a clean one as safetensors, 200 clean samples, and a tiny model for quick scans."""
+    from scanner.architectures import build_architecture
+
+    root = tmp_path_factory.mktemp("service-files")
+    program = torch.export.export(
+        badnets.model, (mnist.test_images[:2],), dynamic_shapes=({0: torch.export.Dim("batch")},)
+    )
+    torch.export.save(program, root / "badnets.pt2")
+    save_file(clean_model.state_dict(), str(root / "clean.safetensors"))
+    write_npz(root / "clean.npz", to_uint8(mnist.test_images[:200]), mnist.test_labels[:200].numpy())
+    torch.manual_seed(1)
+    save_file(build_architecture("mnist_cnn", 10).state_dict(), str(root / "tiny.safetensors"))
+    return {
+        "badnets": root / "badnets.pt2",
+        "clean": root / "clean.safetensors",
+        "data": root / "clean.npz",
+        "tiny": root / "tiny.safetensors",
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Server:
+    """A ``backdoor-scan serve`` child process with its own data directory."""
+
+    data_dir: Path
+    env: dict[str, str]
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=60, **kwargs)
+
+    def start(self, workers: int = 1, ready_timeout: float = 90) -> None:
+        self.log_path = self.data_dir / f"serve-{time.monotonic_ns()}.log"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port), "--workers", str(workers)],
+            env=self.env,
+            stdout=self.log_path.open("wb"),
+            stderr=subprocess.STDOUT,
+            cwd=self.data_dir,
+        )
+        deadline = time.monotonic() + ready_timeout
+        path = "/readyz" if workers else "/livez"
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + path, timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"server not ready after {ready_timeout} s:\n{self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:] if self.log_path else ""
+
+
+@pytest.fixture
+def make_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    servers: list[Server] = []
+
+    def make(**settings: str) -> Server:
+        data_dir = tmp_path / f"server-{len(servers)}"
+        data_dir.mkdir()
+        env = {
+            **os.environ,
+            "BDS_DATA_DIR": str(data_dir / "data"),
+            "BDS_API_KEYS": API_KEY,
+            "BDS_HEARTBEAT_INTERVAL_S": "0.5",
+            "BDS_HEARTBEAT_TIMEOUT_S": "5",
+            "BDS_REAPER_INTERVAL_S": "1",
+            "BDS_TORCH_THREADS": "1",
+            "BDS_DEVICE": "cpu",
+            **{f"BDS_{name.upper()}": value for name, value in settings.items()},
+        }
+        server = Server(data_dir=data_dir, env=env)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+def submit(client: httpx.Client, files: dict[str, Path], **fields: str) -> httpx.Response:
+    handles = {name: (path.name, path.read_bytes()) for name, path in files.items()}
+    return client.post("/v1/scans", files=handles, data=fields)
+
+
+def wait_for(client: httpx.Client, scan_id: str, timeout: float = 240, until: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Poll a scan until it finishes (or reaches one of ``until``)."""
+    final = until or ("succeeded", "failed", "cancelled")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        scan: dict[str, Any] = client.get(f"/v1/scans/{scan_id}").json()
+        if scan["status"] in final:
+            return scan
+        time.sleep(0.25)
+    raise TimeoutError(f"scan {scan_id} still {scan['status']} after {timeout} s: {scan['progress']}")

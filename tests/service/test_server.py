@@ -1,0 +1,93 @@
+"""End to end against a real ``backdoor-scan serve`` process (uvicorn on loopback + a worker process)."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.factories import BadNetsModel
+from tests.service.conftest import Server, submit, wait_for
+
+
+def test_backdoored_and_clean_models_get_the_right_verdicts(
+    make_server: Callable[..., Server], service_files: dict[str, Path], badnets: BadNetsModel
+) -> None:
+    server = make_server()
+    server.start()
+    with server.client() as client:
+        backdoored = submit(client, {"model": service_files["badnets"], "data": service_files["data"]})
+        clean = submit(client, {"model": service_files["clean"], "data": service_files["data"]}, arch="mnist_cnn")
+        assert backdoored.status_code == 202, backdoored.text
+        assert clean.status_code == 202, clean.text
+        assert backdoored.headers["location"] == f"/v1/scans/{backdoored.json()['id']}"
+        assert backdoored.json()["model"]["format"] == "pt2"
+
+        seen_progress = set()
+        scan_id = backdoored.json()["id"]
+        deadline = time.monotonic() + 240
+        while (scan := client.get(f"/v1/scans/{scan_id}").json())["status"] not in ("succeeded", "failed"):
+            seen_progress.add(scan["progress"]["stage"])
+            assert time.monotonic() < deadline, scan
+            time.sleep(0.2)
+        assert scan["status"] == "succeeded", scan["error"]
+        assert "neural_cleanse" in seen_progress  # progress is written while the scan runs
+        assert scan["verdict"] == "backdoored"
+        assert scan["result"]["flagged_classes"] == [badnets.target]
+        assert scan["progress"]["fraction"] == 1.0
+        nc = scan["result"]["detectors"]["neural_cleanse"]
+        target = next(entry for entry in nc["classes"] if entry["class"] == badnets.target)
+        mask_url = target["artifacts"]["mask_png"]
+        assert mask_url == f"/v1/scans/{scan_id}/artifacts/nc-class-{badnets.target}-mask.png"
+        png = client.get(mask_url)
+        assert png.status_code == 200
+        assert png.headers["content-type"] == "image/png"
+        assert png.content.startswith(b"\x89PNG")
+        npy = client.get(target["artifacts"]["mask_npy"])
+        assert npy.status_code == 200
+        assert np.lib.format.read_array(__import__("io").BytesIO(npy.content), allow_pickle=False).shape == (28, 28)
+
+        clean_scan = wait_for(client, clean.json()["id"])
+        assert clean_scan["status"] == "succeeded", clean_scan["error"]
+        assert clean_scan["verdict"] == "clean"
+        assert clean_scan["result"]["flagged_classes"] == []
+
+        listed = client.get("/v1/scans", params={"status": "succeeded"}).json()
+        assert {item["id"] for item in listed["items"]} == {scan_id, clean_scan["id"]}
+        assert listed["total"] == 2
+
+        metrics = client.get("/metrics").text
+        assert 'bds_scans{status="succeeded"} 2.0' in metrics
+        assert "bds_scan_duration_seconds_count 2.0" in metrics
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_restart_mid_queue_loses_nothing(
+    make_server: Callable[..., Server], service_files: dict[str, Path], how: int
+) -> None:
+    """Stop the server while one scan runs and others wait; after a restart every scan finishes."""
+    server = make_server()
+    server.start()
+    with server.client() as client:
+        running = submit(client, {"model": service_files["badnets"], "data": service_files["data"]}).json()
+        queued = [
+            submit(client, {"model": service_files["tiny"]}, arch="mnist_cnn", seed=str(seed)).json()
+            for seed in range(3)
+        ]
+        wait_for(client, running["id"], until=("running",))
+        time.sleep(1.0)
+    server.stop(how)
+    if how == signal.SIGKILL:  # the worker child gets SIGTERM from the kernel when its parent dies
+        time.sleep(2)
+
+    server.start()
+    with server.client() as client:
+        finished = [wait_for(client, scan["id"]) for scan in [running, *queued]]
+    assert [scan["status"] for scan in finished] == ["succeeded"] * 4, [scan["error"] for scan in finished]
+    assert finished[0]["verdict"] == "backdoored"
+    assert [scan["verdict"] for scan in finished[1:]] == ["inconclusive"] * 3  # no data: only the file check
+    assert finished[0]["attempts"] == 1  # an interrupted run is given back, not counted against the scan
