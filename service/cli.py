@@ -15,6 +15,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -136,6 +137,44 @@ def _die_with_parent() -> None:
         pass
 
 
+class _WorkerSupervisor:
+    """The embedded workers of ``serve``: child processes, restarted when one dies (its scan is then
+    re-queued by the reaper of a live worker once its heartbeat goes stale)."""
+
+    def __init__(self, count: int):
+        self.count = count
+        self._processes: list[subprocess.Popen[bytes]] = []
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
+
+    @staticmethod
+    def _spawn() -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], preexec_fn=_die_with_parent)
+
+    def start(self) -> None:
+        self._processes = [self._spawn() for _ in range(self.count)]
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(1.0):
+            for index, process in enumerate(self._processes):
+                if process.poll() is not None and not self._stopping.is_set():
+                    logger.error("worker process %d exited with %s; starting another", process.pid, process.returncode)
+                    self._processes[index] = self._spawn()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        for process in self._processes:
+            process.terminate()
+        for process in self._processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -156,25 +195,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     else:
         key_note = f"API keys:   {len(settings.api_keys)} from BDS_API_KEYS"
     app = create_app(settings)
-    workers = [
-        subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], preexec_fn=_die_with_parent)
-        for _ in range(max(0, args.workers))
-    ]
+    workers = _WorkerSupervisor(max(0, args.workers))
     url = f"http://{args.host}:{args.port}"
     print(f"backdoor-scan serving on {url}   (Swagger UI: {url}/docs)", flush=True)
     if key_note:
         print(key_note, flush=True)
-    print(f"data:       {settings.data_dir.resolve()}   workers: {len(workers)}", flush=True)
+    print(f"data:       {settings.data_dir.resolve()}   workers: {workers.count}", flush=True)
+    workers.start()
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_config=None, timeout_graceful_shutdown=10)
     finally:
-        for process in workers:
-            process.terminate()
-        for process in workers:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        workers.stop()
     return EXIT_CLEAN
 
 

@@ -131,13 +131,9 @@ class ScanExecutor:
                 training_data_path=training if training.exists() else None,
                 progress=progress,
             )
-            write_artifacts(verdict, files.artifacts)
             result = artifact_urls(verdict.to_dict(), f"/v1/scans/{scan_id}/artifacts")
-            result["artifacts"] = {
-                name: f"/v1/scans/{scan_id}/artifacts/{name}"
-                for detector in verdict.detectors.values()
-                for name in detector.artifacts
-            }
+            names = [path.name for path in write_artifacts(verdict, files.artifacts)]
+            result["artifacts"] = {name: f"/v1/scans/{scan_id}/artifacts/{name}" for name in names}
             return JobStatus.succeeded, {"result": result, "verdict": verdict.label.value}
         except TimeLimitExceeded as exc:
             return JobStatus.failed, {"error_code": exc.code, "error_detail": exc.detail}
