@@ -8,9 +8,11 @@ import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
@@ -20,7 +22,7 @@ from service.deps import AppState, hash_key
 from service.jobs import JobStore, create_db_engine, migrate
 from service.logs import request_id_var
 from service.metrics import Metrics
-from service.problems import install_problem_handlers
+from service.problems import document_problems, install_problem_handlers
 from service.queue import ScanQueue
 from service.routes import health, scans
 
@@ -79,6 +81,15 @@ def create_app(settings: Settings | None = None, *, queue: ScanQueue | None = No
         key_hashes=tuple(hash_key(key) for key in settings.api_keys),
     )
     install_problem_handlers(app)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = document_problems(
+                get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            )
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.include_router(scans.router)
     app.include_router(health.router)
 

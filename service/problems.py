@@ -5,6 +5,7 @@ A scan that fails later in the worker is not a problem response: it is a scan re
 
 from __future__ import annotations
 
+import json
 import logging
 from http import HTTPStatus
 from typing import Any
@@ -12,11 +13,19 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scanner.errors import ScannerError, UnsafeFileError
 
-__all__ = ["PROBLEM_JSON", "ServiceError", "install_problem_handlers", "problem_response"]
+__all__ = [
+    "PROBLEM_JSON",
+    "Problem",
+    "ServiceError",
+    "document_problems",
+    "install_problem_handlers",
+    "problem_response",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +36,36 @@ _SCANNER_STATUS = {
     "unsupported_format": HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
     "trust_required": HTTPStatus.FORBIDDEN,
 }
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details, with our stable ``code`` (and extra members for some codes)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(description="a URI naming the problem type (ends with the code)")
+    title: str
+    status: int
+    code: str = Field(description="stable machine-readable error code")
+    detail: str
+    instance: str | None = None
+    request_id: str | None = None
+
+
+def document_problems(schema: dict[str, Any]) -> dict[str, Any]:
+    """Make every 4xx/5xx response of an OpenAPI document ``application/problem+json`` with :class:`Problem`."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components["Problem"] = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    for path in schema.get("paths", {}).values():
+        for operation in path.values():
+            for status, response in operation.get("responses", {}).items():
+                content = response.get("content", {})
+                framework_default = "HTTPValidationError" in json.dumps(content)
+                if status[:1] in ("4", "5") and (not content or PROBLEM_JSON in content or framework_default):
+                    response["content"] = {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    return schema
 
 
 class ServiceError(Exception):

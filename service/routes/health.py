@@ -22,7 +22,10 @@ def livez() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: {"description": "a dependency is not ready"}})
+@router.get(
+    "/readyz",
+    responses={503: {"description": "a dependency is not ready (same body)", "content": {"application/json": {}}}},
+)
 async def readyz(state: StateDep) -> JSONResponse:
     """Ready to take scans: the job table and the queue answer, and at least one worker is beating."""
     checks: dict[str, Any] = {}
