@@ -9,7 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["Settings", "get_settings"]
@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=3, ge=1, description="runs of one scan before it fails with worker_lost")
     worker_threads: int = Field(default=1, ge=1, description="scans one worker process runs at a time")
     torch_threads: int | None = Field(default=None, ge=1, description="intra-op threads per scan (default: torch's)")
+    webhook_secret: SecretStr | None = Field(
+        default=None, description="'whsec_' + base64: signs completion webhooks; callbacks are refused without it"
+    )
+    webhook_max_attempts: int = Field(default=6, ge=1, description="deliveries tried per webhook")
+    webhook_retry_delay_s: float = Field(default=2.0, ge=0, description="first retry delay; doubles each retry")
     log_json: bool = True
     log_level: str = "INFO"
 
@@ -45,6 +50,15 @@ class Settings(BaseSettings):
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(key.strip() for key in value.split(",") if key.strip())
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _check_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            from service.webhooks import secret_key
+
+            secret_key(value.get_secret_value())
         return value
 
     @property

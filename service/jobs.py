@@ -118,6 +118,10 @@ class Scan(Base):
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_detail: Mapped[str | None] = mapped_column(Text)
     duration_s: Mapped[float | None] = mapped_column(Float)
+    callback_url: Mapped[str | None] = mapped_column(Text)
+    webhook_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    webhook_delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    webhook_error: Mapped[str | None] = mapped_column(Text)
 
     @property
     def options(self) -> dict[str, Any]:
@@ -162,6 +166,7 @@ class NewScan:
     options: dict[str, Any]
     dedup_key: str
     idempotency_key: str | None
+    callback_url: str | None = None
 
 
 def _updated(session: Session, statement: Update) -> int:
@@ -266,6 +271,8 @@ class JobStore:
             options_json=json.dumps(new.options, sort_keys=True),
             dedup_key=new.dedup_key,
             idempotency_key=new.idempotency_key,
+            callback_url=new.callback_url,
+            webhook_attempts=0,
         )
         try:
             with self._session() as session:
@@ -466,6 +473,19 @@ class JobStore:
                 .values(**values),
             )
         return bool(owned)
+
+    def record_webhook(self, scan_id: str, *, delivered: bool, error: str | None) -> None:
+        with self._session() as session:
+            _updated(
+                session,
+                update(Scan)
+                .where(Scan.id == scan_id)
+                .values(
+                    webhook_attempts=Scan.webhook_attempts + 1,
+                    webhook_delivered_at=utcnow() if delivered else None,
+                    webhook_error=error,
+                ),
+            )
 
     def worker_beat(self, worker_id: str, device: str) -> None:
         now = utcnow()

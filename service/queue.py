@@ -11,6 +11,7 @@ from service.config import Settings
 __all__ = ["ScanQueue", "build_huey"]
 
 TASK_NAME = "backdoor_scan.run_scan"
+WEBHOOK_TASK_NAME = "backdoor_scan.deliver_webhook"
 
 
 def build_huey(settings: Settings, *, immediate: bool = False) -> Huey:
@@ -25,21 +26,44 @@ def build_huey(settings: Settings, *, immediate: bool = False) -> Huey:
 
 
 class ScanQueue:
-    """Enqueue scan ids; in a worker, ``runner`` executes them."""
+    """Enqueue scan ids (and webhook deliveries); in a worker, ``runner`` and ``notifier`` execute them."""
 
-    def __init__(self, settings: Settings, runner: Callable[[str], None] | None = None, *, immediate: bool = False):
+    def __init__(
+        self,
+        settings: Settings,
+        runner: Callable[[str], None] | None = None,
+        notifier: Callable[[str], None] | None = None,
+        *,
+        immediate: bool = False,
+    ):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.huey = build_huey(settings, immediate=immediate)
         self._runner = runner
+        self._notifier = notifier
         self._task = self.huey.task(name=TASK_NAME)(self._run)
+        # huey retries a failed delivery with exponential backoff: delay, 2 x delay, 4 x delay, ...
+        self._webhook = self.huey.task(
+            name=WEBHOOK_TASK_NAME,
+            retries=settings.webhook_max_attempts - 1,
+            retry_delay=settings.webhook_retry_delay_s,
+            retry_backoff=2,
+        )(self._notify)
 
     def _run(self, scan_id: str) -> None:
         if self._runner is None:
             raise RuntimeError("this process only enqueues scans; run `backdoor-scan worker` to execute them")
         self._runner(scan_id)
 
+    def _notify(self, scan_id: str) -> None:
+        if self._notifier is None:
+            raise RuntimeError("this process only enqueues webhooks")
+        self._notifier(scan_id)
+
     def enqueue(self, scan_id: str) -> None:
         self._task(scan_id)
+
+    def enqueue_webhook(self, scan_id: str) -> None:
+        self._webhook(scan_id)
 
     def pending_count(self) -> int:
         """Messages waiting in the queue (also a cheap liveness check of the queue backend)."""

@@ -105,6 +105,10 @@ def upload_form_schema() -> dict[str, Any]:
         },
         "training_data": {"type": "string", "format": "binary", "description": "the training set to inspect"},
     }
+    properties["callback_url"] = {
+        "type": "string",
+        "description": "http(s) URL that gets the scan resource, signed (Standard Webhooks), when the scan ends",
+    }
     scalar = {int: "integer", float: "number", bool: "boolean", str: "string"}
     for name, info in ScanOptions.model_fields.items():
         annotation = info.annotation
@@ -180,6 +184,13 @@ class ErrorPublic(BaseModel):
     detail: str
 
 
+class WebhookPublic(BaseModel):
+    callback_url: str
+    attempts: int
+    delivered_at: datetime | None
+    last_error: str | None
+
+
 class ScanPublic(BaseModel):
     """A scan as clients see it."""
 
@@ -198,6 +209,7 @@ class ScanPublic(BaseModel):
     verdict: str | None = Field(description="clean, backdoored, unsafe_file or inconclusive once succeeded")
     result: dict[str, Any] | None = Field(description="the full verdict once succeeded (see the README)")
     error: ErrorPublic | None
+    webhook: WebhookPublic | None
     links: dict[str, str]
 
     @classmethod
@@ -237,6 +249,14 @@ class ScanPublic(BaseModel):
             verdict=scan.verdict,
             result=scan.result,
             error=ErrorPublic(code=scan.error_code, detail=scan.error_detail or "") if scan.error_code else None,
+            webhook=WebhookPublic(
+                callback_url=scan.callback_url,
+                attempts=scan.webhook_attempts,
+                delivered_at=scan.webhook_delivered_at,
+                last_error=scan.webhook_error,
+            )
+            if scan.callback_url
+            else None,
             links={"self": base, "cancel": f"{base}/cancel", "artifacts": f"{base}/artifacts/{{name}}"},
         )
 

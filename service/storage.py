@@ -18,6 +18,7 @@ from typing import IO
 import anyio.to_thread
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect
 
 from service.jobs import FileInfo
 from service.problems import ServiceError
@@ -234,6 +235,12 @@ async def parse_upload(
             if chunk:
                 await anyio.to_thread.run_sync(parser.write, chunk)
         parsed = parser.finish()
+    except ClientDisconnect:
+        parser.close()
+        files.remove()
+        raise ServiceError(
+            HTTPStatus.BAD_REQUEST, "upload_incomplete", "the client went away during the upload"
+        ) from None
     except BaseException:
         parser.close()
         files.remove()

@@ -12,7 +12,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
@@ -23,6 +23,7 @@ from service.jobs import JobStatus, JobStore, create_db_engine, migrate
 from service.queue import ScanQueue
 from service.schemas import ScanOptions, scan_config
 from service.storage import ScanFiles
+from service.webhooks import WebhookSender
 
 __all__ = ["ScanExecutor", "TimeLimitExceeded", "run_worker"]
 
@@ -59,6 +60,8 @@ class ScanExecutor:
         self.settings = settings
         self.store = store
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        #: called with the id of a finished scan that has a callback URL (enqueues the webhook)
+        self.notify: Callable[[str], None] | None = None
 
     @contextmanager
     def _heartbeat(self, scan_id: str, worker_id: str) -> Iterator[None]:
@@ -93,6 +96,8 @@ class ScanExecutor:
             status, fields = self._execute(scan_id, worker_id, scan.options, log)
         if self.store.finish(scan_id, worker_id, status, **fields):
             logger.info("scan %s %s", status, fields.get("verdict") or fields.get("error_code") or "", extra=log)
+            if scan.callback_url and self.notify is not None:
+                self.notify(scan_id)
         else:
             logger.warning("scan outcome dropped: the scan is no longer this worker's", extra=log)
 
@@ -170,6 +175,9 @@ class Reaper:
             self.queue.enqueue(scan_id)
         for scan_id in lost:
             logger.error("scan failed: its worker was lost too many times", extra={"scan_id": scan_id})
+            scan = self.store.get(scan_id)
+            if scan is not None and scan.callback_url:
+                self.queue.enqueue_webhook(scan_id)
         # queued scans the queue does not hold (an API that stopped between its insert and its enqueue, a
         # queue that lost its messages); a second delivery is harmless, since only one worker can claim a scan
         settled = timedelta(seconds=max(self.settings.reaper_interval_s, 5.0))
@@ -213,7 +221,11 @@ def run_worker(settings: Settings) -> None:
     migrate(engine)
     store = JobStore(engine)
     executor = ScanExecutor(settings, store)
-    queue = ScanQueue(settings, runner=executor.run)
+    sender = None
+    if settings.webhook_secret is not None:
+        sender = WebhookSender(store, settings.webhook_secret.get_secret_value())
+    queue = ScanQueue(settings, runner=executor.run, notifier=sender.deliver if sender else None)
+    executor.notify = queue.enqueue_webhook
     reaper = Reaper(settings, store, queue, executor.worker_id)
     logger.info(
         "worker %s started (device %s, %d thread(s))", executor.worker_id, settings.device, settings.worker_threads

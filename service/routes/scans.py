@@ -20,6 +20,7 @@ from service.jobs import JobStatus, NewScan, Scan, new_scan_id
 from service.problems import PROBLEM_JSON, ServiceError, scanner_problem
 from service.schemas import FILE_FIELDS, ScanList, ScanOptions, ScanPublic, scan_config, upload_form_schema
 from service.storage import ScanFiles, parse_upload
+from service.webhooks import check_callback_url
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ async def create_scan(
         request.headers.get("content-length"),
         files,
         FILE_FIELDS,
-        frozenset(ScanOptions.model_fields),
+        frozenset([*ScanOptions.model_fields, "callback_url"]),
         settings.max_upload_bytes,
         on_bytes=state.metrics.upload_bytes.inc,
     )
@@ -119,6 +120,18 @@ def _accept(
     for name, info in uploaded.items():
         if info.size_bytes == 0:
             raise ServiceError(HTTPStatus.UNPROCESSABLE_ENTITY, "empty_file", f"the {name!r} file is empty")
+    fields = dict(fields)
+    callback_url = fields.pop("callback_url", None) or None
+    if callback_url is not None:
+        problem = check_callback_url(callback_url)
+        if problem is not None:
+            raise ServiceError(HTTPStatus.UNPROCESSABLE_ENTITY, "invalid_callback_url", problem)
+        if state.settings.webhook_secret is None:
+            raise ServiceError(
+                HTTPStatus.UNPROCESSABLE_ENTITY,
+                "webhooks_not_configured",
+                "this server has no webhook secret (BDS_WEBHOOK_SECRET), so it sends no callbacks",
+            )
     try:
         options = ScanOptions.model_validate(fields)
     except ValidationError as exc:
@@ -171,6 +184,7 @@ def _accept(
             options=options.model_dump(mode="json", exclude_defaults=True),
             dedup_key=dedup_key,
             idempotency_key=key,
+            callback_url=callback_url,
         )
     )
     if created:
@@ -210,7 +224,10 @@ def cancel_scan(scan_id: str, state: StateDep) -> ScanPublic:
     scan = _scan_or_404(state.store.get(scan_id), scan_id)
     if scan.status in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled):
         raise ServiceError(HTTPStatus.CONFLICT, "scan_finished", f"the scan already finished ({scan.status})")
-    return ScanPublic.of(_scan_or_404(state.store.request_cancel(scan_id), scan_id))
+    cancelled = _scan_or_404(state.store.request_cancel(scan_id), scan_id)
+    if cancelled.status == JobStatus.cancelled and cancelled.callback_url:
+        state.queue.enqueue_webhook(scan_id)
+    return ScanPublic.of(cancelled)
 
 
 @router.delete(

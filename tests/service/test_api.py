@@ -6,87 +6,14 @@ Scans submitted here run inline (huey's immediate mode) when ``inline=True``, el
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
-import torch
 from fastapi.testclient import TestClient
-from safetensors.torch import save_file
 
-from service.config import Settings
-from service.jobs import JobStore, create_db_engine
-from service.main import create_app
-from service.queue import ScanQueue
-from service.worker import ScanExecutor
 from tests.malicious import MALICIOUS_BUILDERS
-from tests.service.conftest import API_KEY
-
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
-
-
-def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "data_dir": tmp_path / "data",
-        "api_keys": (API_KEY, "second-key"),
-        "device": "cpu",
-        "log_json": False,
-        **overrides,
-    }
-    return Settings.model_validate(values)
-
-
-@pytest.fixture
-def make_client(tmp_path: Path) -> Iterator[Callable[..., TestClient]]:
-    clients: list[TestClient] = []
-
-    def make(inline: bool = False, **overrides: Any) -> TestClient:
-        settings = make_settings(tmp_path, **overrides)
-        queue = None
-        if inline:
-            store = JobStore(create_db_engine(settings.resolved_database_url))
-            queue = ScanQueue(settings, runner=ScanExecutor(settings, store).run, immediate=True)
-        client = TestClient(create_app(settings, queue=queue), raise_server_exceptions=False)
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        client.close()
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from scanner.architectures import build_architecture
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("api") / "tiny.safetensors"
-    save_file(build_architecture("mnist_cnn", 10).state_dict(), str(path))
-    return path
-
-
-def post_scan(
-    client: TestClient, model: bytes | Path, headers: dict[str, str] | None = None, **fields: str
-) -> httpx.Response:
-    content = model.read_bytes() if isinstance(model, Path) else model
-    return client.post(
-        "/v1/scans", files={"model": ("model.safetensors", content)}, data=fields, headers=headers or AUTH
-    )
-
-
-def assert_problem(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/problem+json"
-    body: dict[str, Any] = response.json()
-    assert body["status"] == status
-    assert body["code"] == code
-    assert body["type"].endswith(f"/{code}")
-    assert body["detail"]
-    assert "Traceback" not in response.text
-    return body
-
+from tests.service.conftest import API_KEY, AUTH, assert_problem, post_scan
 
 # -- authentication --------------------------------------------------------------------------------------
 
