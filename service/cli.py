@@ -2,6 +2,8 @@
 
 Exit codes (the convention model scanners in pipelines use): 0 clean (or inconclusive), 1 findings
 (``backdoored`` or ``unsafe_file``), 2 error (bad input or options; one line on stderr with the error code).
+``submit`` chooses which verdicts are findings with ``--fail-on`` (default ``backdoored,unsafe_file``); its
+errors (network, a refused request, a failed or cancelled scan, ``--timeout``) exit 2 the same way.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from service.config import Settings
@@ -85,9 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--trust-code", action="store_true", help="allow TorchScript, which runs code when loaded")
     scan.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     scan.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    scan.add_argument("--format", choices=("json", "text"), default="text", help="report format (default: text)")
+    scan.add_argument(
+        "--format", choices=("json", "text", "sarif"), default="text", help="report format (default: text)"
+    )
     scan.add_argument("--artifacts", type=Path, metavar="DIR", help="write verdict.json and detector artifacts here")
     scan.set_defaults(handler=_cmd_scan)
+
+    _add_submit_parser(commands)
 
     serve = commands.add_parser("serve", help="run the API with embedded workers (settings: BDS_* variables)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
@@ -100,6 +106,87 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--threads", type=int, help="scans this process runs at a time (default: BDS_WORKER_THREADS)")
     worker.set_defaults(handler=_cmd_worker)
     return parser
+
+
+#: Verdicts ``submit --fail-on`` may name.
+FAIL_ON_LABELS = ("backdoored", "unsafe_file", "inconclusive")
+
+
+def _fail_on(text: str) -> frozenset[str]:
+    names = frozenset(name.strip() for name in text.split(",") if name.strip() and name.strip() != "none")
+    unknown = sorted(names - set(FAIL_ON_LABELS))
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown verdict(s) {', '.join(unknown)}: choose from {', '.join(FAIL_ON_LABELS)} (or none)"
+        )
+    return names
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _retries(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"expected 0 to 100 retries, got {text!r}")
+    return value
+
+
+def _add_submit_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
+    submit = commands.add_parser(
+        "submit",
+        help="upload a checkpoint to a backdoor-scan server, wait for the verdict, and gate on it",
+        description="Upload a checkpoint to a backdoor-scan server. The scan's URL goes to stderr; with --wait the"
+        " report goes to stdout (or --output). Exit 0: no finding in --fail-on; 1: a verdict in --fail-on;"
+        " 2: an error (unreachable server, refused request, failed or cancelled scan, --timeout).",
+    )
+    submit.add_argument("model", type=_existing_file, help="checkpoint: .pt2, safetensors, torch.save state_dict")
+    submit.add_argument("--data", type=_existing_file, metavar="FILE", help="clean samples (.npz or ImageFolder .zip)")
+    submit.add_argument("--training-data", type=_existing_file, metavar="FILE", help="training set to inspect")
+    submit.add_argument("--arch", help="architecture for state_dicts (mnist_cnn, cifar_cnn, resnet18, ...)")
+    submit.add_argument("--num-classes", type=int, help="class count for --arch (default: read from the weights)")
+    submit.add_argument("--input-shape", type=_shape, metavar="C,H,W", help="shape of one input image")
+    submit.add_argument("--mean", type=_floats, metavar="M1,M2,..", help="per-channel normalisation mean")
+    submit.add_argument("--std", type=_floats, metavar="S1,S2,..", help="per-channel normalisation std")
+    submit.add_argument("--seed", type=int, help="random seed (default: the server's, 0)")
+    submit.add_argument("--trust-code", action="store_true", help="TorchScript (the server must allow it)")
+    submit.add_argument(
+        "--detectors", metavar="NAME,..", help="backdoor detectors to run: neural_cleanse,spectral_signatures"
+    )
+    submit.add_argument("--server", metavar="URL", help="the service's base URL (default: $BDS_SERVER)")
+    submit.add_argument("--api-key", metavar="KEY", help="API key (default: $BDS_API_KEY; prefer the variable)")
+    submit.add_argument("--wait", action="store_true", help="follow the scan and print its report (else: the scan)")
+    submit.add_argument(
+        "--timeout", type=_positive, metavar="S", help="with --wait: give up (exit 2) after S seconds (default: none)"
+    )
+    submit.add_argument(
+        "--fail-on",
+        type=_fail_on,
+        default=frozenset({"backdoored", "unsafe_file"}),
+        metavar="V,..",
+        help="verdicts that exit 1: backdoored, unsafe_file, inconclusive, or none (default: backdoored,unsafe_file)",
+    )
+    submit.add_argument("--format", choices=("text", "json", "sarif"), default="text", help="report format")
+    submit.add_argument("--output", type=Path, metavar="FILE", help="write the report here instead of stdout")
+    submit.add_argument(
+        "--retries",
+        type=_retries,
+        default=5,
+        metavar="N",
+        help="retries per request on connection errors and 429/502/503/504, with exponential backoff (default: 5)",
+    )
+    submit.add_argument("--poll-interval", type=_positive, default=1.0, metavar="S", help=argparse.SUPPRESS)
+    submit.set_defaults(handler=_cmd_submit)
 
 
 def _service_settings(**overrides: object) -> Settings:
@@ -246,9 +333,125 @@ def _cmd_scan(args: argparse.Namespace) -> int:
         write_artifacts(verdict, args.artifacts)
     if args.format == "json":
         print(json.dumps(verdict.to_dict(), indent=2))
+    elif args.format == "sarif":
+        from scanner.sarif import sarif_log
+
+        print(json.dumps(sarif_log(verdict.to_dict(), args.model, base=Path.cwd()), indent=2))
     else:
         print(render_text(verdict, args.model.name))
     return EXIT_FINDINGS if verdict.has_findings else EXIT_CLEAN
+
+
+def _submit_fields(args: argparse.Namespace) -> dict[str, str]:
+    """The scan options of ``submit`` as the form fields of ``POST /v1/scans``."""
+    fields: dict[str, str] = {}
+    if args.arch is not None:
+        fields["arch"] = args.arch
+    if args.num_classes is not None:
+        fields["num_classes"] = str(args.num_classes)
+    if args.input_shape is not None:
+        fields["input_shape"] = ",".join(map(str, args.input_shape))
+    for name in ("mean", "std"):
+        values = getattr(args, name)
+        if values is not None:
+            fields[name] = ",".join(repr(v) for v in values)
+    if args.seed is not None:
+        fields["seed"] = str(args.seed)
+    if args.trust_code:
+        fields["trust_code"] = "true"
+    if args.detectors:
+        fields["detectors"] = args.detectors
+    return fields
+
+
+def _emit(text: str, output: Path | None) -> None:
+    if output is None:
+        print(text)
+        return
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text + "\n")
+
+
+def _report(verdict: dict[str, Any], args: argparse.Namespace) -> int:
+    """Print (or write) the report of a verdict dict and return the exit code ``--fail-on`` gives it."""
+    from service.client import render_verdict_text
+
+    if args.format == "json":
+        text = json.dumps(verdict, indent=2)
+    elif args.format == "sarif":
+        from scanner.sarif import sarif_log
+
+        text = json.dumps(sarif_log(verdict, args.model, base=Path.cwd()), indent=2)
+    else:
+        text = render_verdict_text(verdict, args.model.name)
+    _emit(text, args.output)
+    label = str(verdict.get("verdict"))
+    flagged = verdict.get("flagged_classes") or []
+    summary = f"verdict {label}" + (f" (flagged classes: {', '.join(map(str, flagged))})" if flagged else "")
+    if args.output is not None:
+        print(f"backdoor-scan: {summary}; report written to {args.output}", file=sys.stderr)
+    if label in args.fail_on:
+        return EXIT_FINDINGS
+    if label in FAIL_ON_LABELS:
+        fail_on = ",".join(sorted(args.fail_on)) or "none"
+        print(f"backdoor-scan: note: {summary} is not in --fail-on ({fail_on}): exit 0", file=sys.stderr)
+    return EXIT_CLEAN
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from scanner.sarif import verdict_from_problem
+    from service.client import ClientError, ProblemError, ProgressPrinter, RetryPolicy, ScanClient, file_digest
+
+    server = args.server or os.environ.get("BDS_SERVER")
+    if not server:
+        _fail("invalid_option", "--server URL is required (or set BDS_SERVER)")
+    if not server.startswith(("http://", "https://")):
+        _fail("invalid_option", f"--server must be an http:// or https:// URL, got {server!r}")
+    api_key = args.api_key or os.environ.get("BDS_API_KEY") or None
+
+    def on_retry(error: ClientError, delay: float) -> None:
+        print(f"backdoor-scan: {error.detail}; retrying in {delay:.1f} s", file=sys.stderr, flush=True)
+
+    client = ScanClient(server, api_key, retry=RetryPolicy(retries=args.retries), on_retry=on_retry)
+    with client:
+        try:
+            try:
+                submission = client.submit(
+                    args.model, data=args.data, training_data=args.training_data, options=_submit_fields(args)
+                )
+            except ProblemError as exc:
+                if exc.code != "unsafe_file":
+                    raise
+                sha256, size = file_digest(args.model)
+                print(f"backdoor-scan: the server refused {args.model} as unsafe: {exc.detail}", file=sys.stderr)
+                return _report(verdict_from_problem(exc.problem, sha256, size), args)
+            scan = submission.scan
+            how = "submitted" if submission.created else "already submitted"
+            print(f"backdoor-scan: {how}: {submission.url} ({scan.get('status')})", file=sys.stderr, flush=True)
+            if not args.wait:
+                _emit(json.dumps(scan, indent=2), args.output)
+                return EXIT_CLEAN
+            progress = ProgressPrinter(sys.stderr, sys.stderr.isatty())
+            try:
+                scan = client.wait(
+                    scan["id"], timeout=args.timeout, poll_interval=args.poll_interval, on_update=progress.update
+                )
+            finally:
+                progress.done()
+        except ClientError as exc:
+            _fail(exc.code, exc.detail)
+        except OSError as exc:  # a file that vanished or cannot be read between the argument check and the upload
+            _fail("invalid_option", f"cannot read {exc.filename or 'a file'}: {exc.strerror or exc}")
+    status = scan.get("status")
+    if status == "failed":
+        error = scan.get("error") or {}
+        _fail(str(error.get("code") or "scan_failed"), f"scan {submission.url} failed: {error.get('detail', '')}")
+    if status == "cancelled":
+        _fail("scan_cancelled", f"scan {submission.url} was cancelled")
+    result = scan.get("result")
+    if not isinstance(result, dict):
+        _fail("invalid_response", f"scan {submission.url} succeeded without a result")
+    return _report(result, args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
