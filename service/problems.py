@@ -104,14 +104,25 @@ def problem_response(
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 
-def scanner_problem(exc: ScannerError) -> ServiceError:
-    """A scanner error raised inside a request (the synchronous ``model_file`` check) as a problem."""
+def scanner_problem(exc: ScannerError, names: tuple[str, str] | None = None) -> ServiceError:
+    """A scanner error raised inside a request (the synchronous ``model_file`` check) as a problem.
+
+    ``names`` is ``(stored name, client's name)``: the client reads about the file it sent, not our copy.
+    """
+
+    def shown(text: str) -> str:
+        return text.replace(names[0], names[1]) if names else text
+
     extra: dict[str, Any] = {}
     if isinstance(exc, UnsafeFileError):
-        extra["findings"] = [finding.to_dict() for finding in exc.report.findings]
+        findings = [finding.to_dict() for finding in exc.report.findings]
+        for finding in findings:
+            if isinstance(finding.get("member"), str):
+                finding["member"] = shown(finding["member"])
+        extra["findings"] = findings
         extra["format"] = exc.report.format.value
     status = _SCANNER_STATUS.get(exc.code, HTTPStatus.UNPROCESSABLE_ENTITY)
-    return ServiceError(status, exc.code, exc.detail, **extra)
+    return ServiceError(status, exc.code, shown(exc.detail), **extra)
 
 
 def install_problem_handlers(app: FastAPI) -> None:

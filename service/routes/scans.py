@@ -169,10 +169,11 @@ def _accept(
     if existing is not None:
         return existing, False
 
+    model_path = files.upload("model")
     try:
-        report = check_model_file(files.upload("model"), config.model)
+        report = check_model_file(model_path, config.model)
     except ScannerError as exc:
-        raise scanner_problem(exc) from None
+        raise scanner_problem(exc, (model_path.name, uploaded["model"].filename)) from None
 
     scan, created = store.create(
         NewScan(

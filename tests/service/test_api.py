@@ -166,6 +166,8 @@ def test_create_scan_unsafe_file_is_refused_at_once(
     path = MALICIOUS_BUILDERS[name](tmp_path, marker)
     body = assert_problem(post_scan(make_client(), path, arch="mnist_cnn"), 422, "unsafe_file")
     assert body["findings"], body
+    assert "model.upload" not in body["detail"]  # the client's file name, not our stored copy
+    assert "model.safetensors" in body["detail"]
     assert not marker.exists()
 
 
