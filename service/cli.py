@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import json
 import logging
 import os
@@ -289,6 +290,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(key_note, flush=True)
     print(f"data:       {settings.data_dir.resolve()}   workers: {workers.count}", flush=True)
     workers.start()
+    # uvicorn re-raises the SIGTERM it handled once it has shut down; with this handler in place that ends
+    # in the `finally` below (workers stopped, exit 0) instead of killing the process there and then
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    # the API process holds torch's ~200k objects: freeze them out of the collector, whose full passes
+    # otherwise stalled the event loop for 100-600 ms every few seconds under load (bench/service_load.py)
+    gc.collect()
+    gc.freeze()
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_config=None, timeout_graceful_shutdown=10)
     finally:

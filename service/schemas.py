@@ -7,7 +7,7 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from scanner.config import ModelOptions as ScannerModelOptions
 from scanner.config import NeuralCleanseConfig, ScanConfig, SpectralConfig
@@ -67,6 +67,18 @@ class ScanOptions(BaseModel):
     )
     spectral_threshold: float | None = Field(default=None, gt=0, le=100, description="spectral separation threshold")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _blank_is_unset(cls, data: object) -> object:
+        """A blank form field means "not given" (Swagger UI sends every field it shows, empty or not)."""
+        if isinstance(data, dict):
+            return {
+                key: value
+                for key, value in data.items()
+                if not (key in cls.model_fields and isinstance(value, str) and not value.strip())
+            }
+        return data
+
     @field_validator("input_shape", mode="before")
     @classmethod
     def _shape(cls, value: object) -> object:
@@ -83,11 +95,6 @@ class ScanOptions(BaseModel):
         if isinstance(value, str):
             return [name.strip() for name in value.split(",") if name.strip()] or None
         return value
-
-    @field_validator("arch", mode="before")
-    @classmethod
-    def _blank_is_none(cls, value: object) -> object:
-        return None if isinstance(value, str) and not value.strip() else value
 
 
 #: The form fields of ``POST /v1/scans`` besides the option fields.
@@ -108,6 +115,7 @@ def upload_form_schema() -> dict[str, Any]:
     properties["callback_url"] = {
         "type": "string",
         "description": "http(s) URL that gets the scan resource, signed (Standard Webhooks), when the scan ends",
+        "examples": [""],
     }
     scalar = {int: "integer", float: "number", bool: "boolean", str: "string"}
     for name, info in ScanOptions.model_fields.items():
@@ -118,7 +126,12 @@ def upload_form_schema() -> dict[str, Any]:
         if name in ("input_shape", "mean", "std", "detectors"):
             prop = {"type": "string", "description": f"{info.description} (comma-separated)"}
         if name == "detectors":
-            prop["example"] = ",".join(BACKDOOR_DETECTORS)
+            prop["description"] += f", e.g. {','.join(BACKDOOR_DETECTORS)}"
+        # Swagger UI fills each empty field with a sample ("string", 0, true) unless the schema gives one
+        if info.default is not None:
+            prop["default"] = info.default
+        else:
+            prop["examples"] = [""]
         properties[name] = prop
     return {
         "required": True,

@@ -54,6 +54,7 @@ class ScanFiles:
 class _Part:
     name: str = ""
     filename: str | None = None
+    named: bool = False  # the part came with a non-empty ``filename``
     handle: IO[bytes] | None = None
     digest: hashlib._Hash | None = None
     size: int = 0
@@ -159,6 +160,7 @@ class UploadParser:
         self._part.name = name
         if name in self._file_fields:
             filename = params.get(b"filename")
+            self._part.named = bool(filename)
             self._part.filename = Path(filename.decode("utf-8", "replace")).name[:255] if filename else name
             self._files.root.mkdir(parents=True, exist_ok=True)
             self._part.handle = self._files.upload(name).open("wb")
@@ -186,6 +188,10 @@ class UploadParser:
         if part.handle is not None and part.digest is not None:
             part.handle.close()
             part.handle = None
+            if part.size == 0 and not part.named:
+                # a blank form field in place of a file (Swagger UI, or an HTML form with no file picked): not sent
+                self._files.upload(part.name).unlink(missing_ok=True)
+                return
             filename = part.filename or part.name
             self.result.files[part.name] = FileInfo(
                 filename=filename, sha256=part.digest.hexdigest(), size_bytes=part.size

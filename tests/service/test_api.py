@@ -311,3 +311,16 @@ def test_docs_are_served_without_a_cdn(make_client: Callable[..., TestClient]) -
     assert "cdn" not in page.text.lower()
     assert client.get("/docs-assets/swagger-ui-bundle.js").status_code == 200
     assert client.get("/docs-assets/swagger-ui.css").status_code == 200
+
+
+def test_blank_form_fields_mean_not_given(make_client: Callable[..., TestClient], tiny_model: Path) -> None:
+    """HTML forms and Swagger UI send every field: a blank file field or option is treated as absent."""
+    response = make_client().post(
+        "/v1/scans",
+        files={"model": ("m.safetensors", tiny_model.read_bytes()), "data": ("", b"")},
+        data={"arch": "mnist_cnn", "num_classes": "", "input_shape": " ", "callback_url": ""},
+        headers=AUTH,
+    )
+    assert response.status_code == 202, response.text
+    assert response.json()["data"] is None
+    assert response.json()["options"] == {"arch": "mnist_cnn"}
