@@ -175,6 +175,19 @@ def _updated(session: Session, statement: Update) -> int:
     return int(cast(CursorResult[Any], result).rowcount)
 
 
+def _ended(status: JobStatus, now: datetime, code: str | None = None, detail: str | None = None) -> dict[str, Any]:
+    """The columns every move to a final status sets."""
+    return {
+        "status": status,
+        "finished_at": now,
+        "updated_at": now,
+        "error_code": code,
+        "error_detail": detail,
+        "progress_stage": str(status),
+        "progress_message": detail or ("scan finished" if status is JobStatus.succeeded else str(status)),
+    }
+
+
 def new_scan_id() -> str:
     return secrets.token_hex(16)
 
@@ -324,16 +337,7 @@ class JobStore:
                 session,
                 update(Scan)
                 .where(Scan.id == scan_id, Scan.status == JobStatus.queued)
-                .values(
-                    status=JobStatus.cancelled,
-                    cancel_requested=True,
-                    finished_at=now,
-                    updated_at=now,
-                    progress_stage="cancelled",
-                    progress_message="cancelled before it started",
-                    error_code="cancelled",
-                    error_detail="cancelled by request",
-                ),
+                .values(cancel_requested=True, **_ended(JobStatus.cancelled, now, "cancelled", "cancelled by request")),
             )
             _updated(
                 session,
@@ -452,17 +456,11 @@ class JobStore:
         with self._session() as session:
             started = session.scalar(select(Scan.started_at).where(Scan.id == scan_id))
             values: dict[str, Any] = {
-                "status": status,
-                "finished_at": now,
-                "updated_at": now,
+                **_ended(status, now, error_code, error_detail),
                 "heartbeat_at": now,
                 "result_json": json.dumps(result) if result is not None else None,
                 "verdict": verdict,
-                "error_code": error_code,
-                "error_detail": error_detail,
                 "duration_s": (now - started).total_seconds() if started else None,
-                "progress_stage": str(status),
-                "progress_message": error_detail or ("scan finished" if status is JobStatus.succeeded else str(status)),
             }
             if status is JobStatus.succeeded:
                 values["progress_fraction"] = 1.0
@@ -547,29 +545,17 @@ class JobStore:
                     _updated(
                         session,
                         base.values(
-                            status=JobStatus.cancelled,
-                            finished_at=now,
-                            updated_at=now,
                             worker_id=None,
-                            error_code="cancelled",
-                            error_detail="cancelled by request (its worker was lost)",
-                            progress_stage="cancelled",
+                            **_ended(
+                                JobStatus.cancelled, now, "cancelled", "cancelled by request (its worker was lost)"
+                            ),
                         ),
                     )
                 elif attempts >= max_attempts:
                     detail = f"the worker running this scan was lost {attempts} time(s); giving up"
                     if _updated(
                         session,
-                        base.values(
-                            status=JobStatus.failed,
-                            finished_at=now,
-                            updated_at=now,
-                            worker_id=None,
-                            error_code="worker_lost",
-                            error_detail=detail,
-                            progress_stage="failed",
-                            progress_message=detail,
-                        ),
+                        base.values(worker_id=None, **_ended(JobStatus.failed, now, "worker_lost", detail)),
                     ):
                         lost.append(scan_id)
                 elif _updated(

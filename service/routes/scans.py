@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from scanner.errors import ScannerError
 from scanner.formats import check_model_file
 from service.deps import ApiKeyDep, StateDep
-from service.jobs import JobStatus, NewScan, Scan, new_scan_id
+from service.jobs import FINISHED, JobStatus, NewScan, Scan, new_scan_id
 from service.problems import PROBLEM_JSON, ServiceError, scanner_problem
 from service.schemas import FILE_FIELDS, ScanList, ScanOptions, ScanPublic, scan_config, upload_form_schema
 from service.storage import ScanFiles, parse_upload
@@ -223,7 +223,7 @@ def get_scan(scan_id: str, state: StateDep) -> ScanPublic:
 def cancel_scan(scan_id: str, state: StateDep) -> ScanPublic:
     """Cancel a scan: a queued one at once, a running one at its next progress point."""
     scan = _scan_or_404(state.store.get(scan_id), scan_id)
-    if scan.status in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled):
+    if scan.status in FINISHED:
         raise ServiceError(HTTPStatus.CONFLICT, "scan_finished", f"the scan already finished ({scan.status})")
     cancelled = _scan_or_404(state.store.request_cancel(scan_id), scan_id)
     if cancelled.status == JobStatus.cancelled and cancelled.callback_url:
