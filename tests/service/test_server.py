@@ -91,3 +91,48 @@ def test_restart_mid_queue_loses_nothing(
     assert finished[0]["verdict"] == "backdoored"
     assert [scan["verdict"] for scan in finished[1:]] == ["inconclusive"] * 3  # no data: only the file check
     assert finished[0]["attempts"] == 1  # an interrupted run is given back, not counted against the scan
+
+
+def test_error_paths_over_the_network(
+    make_server: Callable[..., Server], service_files: dict[str, Path], tmp_path: Path
+) -> None:
+    """The error paths of the contract through a real socket: problem+json, status and code."""
+    import os
+
+    import httpx
+
+    from tests.malicious import MALICIOUS_BUILDERS
+    from tests.service.conftest import API_KEY
+
+    server = make_server(max_upload_mb="1")
+    server.start(workers=0)
+
+    def check(response: httpx.Response, status: int, code: str) -> None:
+        assert response.status_code == status, response.text
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.json()["code"] == code
+        assert response.json()["status"] == status
+
+    unsafe = MALICIOUS_BUILDERS[sorted(MALICIOUS_BUILDERS)[0]](tmp_path, tmp_path / "pwned")
+    with server.client() as client:
+        big = tmp_path / "big.bin"
+        big.write_bytes(os.urandom(1_500_000))  # over the 1 MiB cap, under the body cap: refused while streaming
+        check(submit(client, {"model": big}, arch="mnist_cnn"), 413, "upload_too_large")
+        huge = tmp_path / "huge.bin"
+        huge.write_bytes(os.urandom(12_000_000))  # over the body cap: refused from Content-Length, body unread
+        check(submit(client, {"model": huge}, arch="mnist_cnn"), 413, "upload_too_large")
+        check(
+            submit(client, {"model": service_files["tiny"]}, arch="mnist_cnn", num_classes="1"), 422, "invalid_options"
+        )
+        check(client.get("/v1/scans/0123456789abcdef"), 404, "scan_not_found")
+        check(submit(client, {"model": unsafe}, arch="mnist_cnn"), 422, "unsafe_file")
+        corrupt = tmp_path / "corrupt.pt"
+        corrupt.write_bytes(b"PK\x03\x04truncated zip")
+        check(submit(client, {"model": corrupt}, arch="mnist_cnn"), 422, "corrupt_file")
+        assert client.get("/v1/scans").json()["total"] == 0  # nothing refused was queued
+    check(httpx.get(f"{server.url}/v1/scans"), 401, "missing_api_key")
+    check(
+        httpx.get(f"{server.url}/v1/scans", headers={"Authorization": f"Bearer {API_KEY}-not"}), 401, "invalid_api_key"
+    )
+    assert not (tmp_path / "pwned").exists()
+    assert not list((server.data_dir / "data" / "scans").glob("*/*"))  # no upload left behind
