@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
+    from scanner.verdict import Verdict
     from service.config import Settings
 
 EXIT_CLEAN = 0
@@ -92,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", choices=("json", "text", "sarif"), default="text", help="report format (default: text)"
     )
     scan.add_argument("--artifacts", type=Path, metavar="DIR", help="write verdict.json and detector artifacts here")
+    scan.add_argument(
+        "--report", type=Path, metavar="FILE.html", help="write the HTML report (one self-contained page) here"
+    )
     scan.set_defaults(handler=_cmd_scan)
 
     _add_submit_parser(commands)
@@ -231,7 +235,7 @@ class _WorkerSupervisor:
 
     def __init__(self, count: int):
         self.count = count
-        self._processes: list[subprocess.Popen[bytes]] = []
+        self._processes: list[subprocess.Popen[bytes] | None] = []
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
 
@@ -246,17 +250,25 @@ class _WorkerSupervisor:
     def _watch(self) -> None:
         while not self._stopping.wait(1.0):
             for index, process in enumerate(self._processes):
-                if process.poll() is not None and not self._stopping.is_set():
-                    logger.error("worker process %d exited with %s; starting another", process.pid, process.returncode)
-                    self._processes[index] = self._spawn()
+                if process is None or process.poll() is None or self._stopping.is_set():
+                    continue
+                if process.returncode == EXIT_ERROR:  # a settings error (a GPU this machine lacks): it would repeat
+                    logger.error(
+                        "worker process %d refused to start (its error is above); not restarting it", process.pid
+                    )
+                    self._processes[index] = None
+                    continue
+                logger.error("worker process %d exited with %s; starting another", process.pid, process.returncode)
+                self._processes[index] = self._spawn()
 
     def stop(self) -> None:
         self._stopping.set()
         if self._thread.is_alive():
             self._thread.join()
-        for process in self._processes:
+        running = [process for process in self._processes if process is not None]
+        for process in running:
             process.terminate()
-        for process in self._processes:
+        for process in running:
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -305,9 +317,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
+    from scanner.device import resolve_device
+    from scanner.errors import ScannerError
     from service.worker import run_worker
 
-    run_worker(_service_settings(device=args.device, worker_threads=args.threads))
+    settings = _service_settings(device=args.device, worker_threads=args.threads)
+    try:  # a worker for a GPU this machine lacks would fail every scan it claims: refuse to start instead
+        resolve_device(settings.device)
+    except ScannerError as exc:
+        _fail(exc.code, exc.detail)
+    run_worker(settings)
     return EXIT_CLEAN
 
 
@@ -339,6 +358,8 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     )
     if args.artifacts is not None:
         write_artifacts(verdict, args.artifacts)
+    if args.report is not None:
+        _write_report(verdict, args)
     if args.format == "json":
         print(json.dumps(verdict.to_dict(), indent=2))
     elif args.format == "sarif":
@@ -348,6 +369,26 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     else:
         print(render_text(verdict, args.model.name))
     return EXIT_FINDINGS if verdict.has_findings else EXIT_CLEAN
+
+
+def _write_report(verdict: Verdict, args: argparse.Namespace) -> None:
+    """``scan --report FILE``: the page ``GET /v1/scans/{id}/report`` serves, for a local scan."""
+    from scanner.html_report import render_html
+
+    options = {
+        name: value
+        for name in ("arch", "num_classes", "input_shape", "mean", "std", "seed", "trust_code", "device")
+        if (value := getattr(args, name)) not in (None, False)
+    }
+    settings = {
+        "model file": args.model.name,
+        "clean samples (data)": args.data.name if args.data else None,
+        "training data": args.training_data.name if args.training_data else None,
+        "options": options,
+    }
+    artifacts = {name: content for result in verdict.detectors.values() for name, content in result.artifacts.items()}
+    page = render_html(verdict.to_dict(), artifacts, title=args.model.name, settings=settings)
+    args.report.write_text(page, encoding="utf-8")
 
 
 def _submit_fields(args: argparse.Namespace) -> dict[str, str]:

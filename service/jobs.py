@@ -35,6 +35,7 @@ from sqlalchemy import (
     event,
     func,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import make_url
@@ -193,13 +194,21 @@ def new_scan_id() -> str:
 
 
 def create_db_engine(url: str) -> Engine:
-    """An engine for the job table; SQLite gets WAL and a busy timeout so API and workers share the file."""
+    """An engine for the job table.
+
+    SQLite gets WAL and a busy timeout so API and workers share the file. A server database (PostgreSQL,
+    ``postgresql://`` meaning psycopg 3) gets a checked pool: a connection the server dropped (restart,
+    failover, idle timeout) is replaced before use, and connecting gives up after 10 s instead of hanging.
+    """
     parsed = make_url(url)
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
+        connect_args = {"connect_timeout": 10} if parsed.get_backend_name() == "postgresql" else {}
+        return create_engine(parsed, pool_pre_ping=True, pool_recycle=1800, connect_args=connect_args)
     if parsed.database:
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+    engine = create_engine(parsed, connect_args={"check_same_thread": False, "timeout": 30})
 
     @event.listens_for(engine, "connect")
     def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -212,9 +221,14 @@ def create_db_engine(url: str) -> Engine:
     return engine
 
 
+#: Key of the PostgreSQL advisory lock held while migrating (any constant bigint; "bds-migr" in ASCII).
+PG_MIGRATION_LOCK = 0x6264732D6D696772
+
+
 @contextmanager
 def _migration_lock(engine: Engine) -> Iterator[None]:
-    """One process migrates at a time (an API and its workers may start together)."""
+    """One SQLite process migrates at a time (an API and its workers may start together): a file lock beside
+    the database file. PostgreSQL takes an advisory lock inside the migration's transaction instead."""
     database = engine.url.database if engine.url.get_backend_name() == "sqlite" else None
     if not database:
         yield
@@ -235,6 +249,10 @@ def migrate(engine: Engine) -> None:
     config = Config()
     config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
     with _migration_lock(engine), engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            # held until this transaction commits: the others wait, then find the schema at head (PostgreSQL
+            # DDL is transactional, so a process that dies mid-migration leaves nothing half-done)
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_MIGRATION_LOCK})
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
 
@@ -502,7 +520,9 @@ class JobStore:
             session.execute(delete(Worker).where(Worker.id == worker_id))
             released = list(
                 session.scalars(
-                    select(Scan.id).where(Scan.status == JobStatus.running, Scan.worker_id.startswith(f"{worker_id}:"))
+                    select(Scan.id).where(
+                        Scan.status == JobStatus.running, Scan.worker_id.startswith(f"{worker_id}:", autoescape=True)
+                    )
                 )
             )
             if released:

@@ -12,6 +12,8 @@ __all__ = ["ScanQueue", "build_huey"]
 
 TASK_NAME = "backdoor_scan.run_scan"
 WEBHOOK_TASK_NAME = "backdoor_scan.deliver_webhook"
+#: Longer than the 1 s BRPOP huey's consumer blocks in.
+REDIS_SOCKET_TIMEOUT_S = 10.0
 
 
 def build_huey(settings: Settings, *, immediate: bool = False) -> Huey:
@@ -21,7 +23,14 @@ def build_huey(settings: Settings, *, immediate: bool = False) -> Huey:
         filename = url.removeprefix("sqlite:///")
         return SqliteHuey(name="backdoor-scan", filename=filename, results=False, immediate=immediate)
     if url.startswith(("redis://", "rediss://", "unix://")):
-        return RedisHuey(name="backdoor-scan", url=url, results=False, immediate=immediate)
+        from redis import ConnectionPool
+
+        # bounded waits on every socket (older redis-py waits forever by default): a worker blocked in BRPOP
+        # on a Redis that hangs or vanished gets a timeout instead, and huey's consumer retries with backoff
+        # until the server is back. Reconnecting after a restart needs nothing more: the pool replaces
+        # connections the server closed. Whatever the queue lost, the reaper re-enqueues from the job table.
+        pool = ConnectionPool.from_url(url, socket_timeout=REDIS_SOCKET_TIMEOUT_S, socket_connect_timeout=5)
+        return RedisHuey(name="backdoor-scan", connection_pool=pool, results=False, immediate=immediate)
     raise ValueError(f"BDS_QUEUE_URL must start with sqlite:/// or redis://, got {url!r}")
 
 

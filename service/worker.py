@@ -212,11 +212,20 @@ class Reaper:
 
 
 def run_worker(settings: Settings) -> None:
-    """Run a worker process until SIGINT/SIGTERM: huey consumer + reaper."""
-    if settings.torch_threads is not None:
-        import torch
+    """Run a worker process until SIGINT/SIGTERM: huey consumer + reaper.
 
+    One worker process per GPU: ``--device cuda:N`` (or ``CUDA_VISIBLE_DEVICES=N`` with ``cuda``). CUDA is
+    first touched here, in the worker's own process, never in a parent that forks.
+    """
+    import torch
+
+    from scanner.device import resolve_device
+
+    if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)
+    device = resolve_device(settings.device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # kernels and allocations that use the current device stay on this GPU
     engine = create_db_engine(settings.resolved_database_url)
     migrate(engine)
     store = JobStore(engine)
@@ -227,9 +236,7 @@ def run_worker(settings: Settings) -> None:
     queue = ScanQueue(settings, runner=executor.run, notifier=sender.deliver if sender else None)
     executor.notify = queue.enqueue_webhook
     reaper = Reaper(settings, store, queue, executor.worker_id)
-    logger.info(
-        "worker %s started (device %s, %d thread(s))", executor.worker_id, settings.device, settings.worker_threads
-    )
+    logger.info("worker %s started (device %s, %d thread(s))", executor.worker_id, device, settings.worker_threads)
     reaper.start()
     consumer = queue.huey.create_consumer(workers=settings.worker_threads, worker_type="thread", periodic=False)
     try:

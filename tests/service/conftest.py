@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import socket
@@ -124,14 +126,89 @@ def free_port() -> int:
 
 
 @dataclass
+class WorkerProcess:
+    """A ``backdoor-scan worker`` child process and its log (JSON lines)."""
+
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def records(self) -> list[dict[str, Any]]:
+        """The JSON log records written so far (other lines, e.g. tracebacks of a crash, are skipped)."""
+        records = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                with contextlib.suppress(json.JSONDecodeError):  # a line cut short by kill -9
+                    records.append(json.loads(line))
+        return records
+
+    def messages(self, scan_id: str | None = None) -> list[str]:
+        return [str(r.get("message")) for r in self.records() if scan_id is None or r.get("scan_id") == scan_id]
+
+    def wait_consuming(self, timeout: float = 90) -> None:
+        """Until huey's consumer runs (the worker has migrated, started its reaper and reads the queue)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(m.startswith("Huey consumer started") for m in self.messages()):
+                return
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.process.returncode}:\n{self.log()}")
+            time.sleep(0.2)
+        raise TimeoutError(f"worker not consuming after {timeout} s:\n{self.log()}")
+
+    def kill(self) -> None:
+        """kill -9, as a crash or the OOM killer would."""
+        self.process.kill()
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+
+@dataclass
 class Server:
-    """A ``backdoor-scan serve`` child process with its own data directory."""
+    """A ``backdoor-scan serve`` child process with its own data directory (and, with :meth:`start_worker`,
+    ``backdoor-scan worker`` processes beside it, sharing its settings and data directory)."""
 
     data_dir: Path
     env: dict[str, str]
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    workers: list[WorkerProcess] = field(default_factory=list)
+
+    def start_worker(self, *args: str) -> WorkerProcess:
+        """Start ``backdoor-scan worker ARGS`` with this server's environment (returns at once)."""
+        log_path = self.data_dir / f"worker-{len(self.workers)}.log"
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "worker", *args],
+            env=self.env,
+            stdout=log_path.open("wb"),
+            stderr=subprocess.STDOUT,
+            cwd=self.data_dir,
+        )
+        worker = WorkerProcess(process, log_path)
+        self.workers.append(worker)
+        return worker
+
+    def stop_workers(self) -> None:
+        for worker in self.workers:  # all at once: each gives back its scan and exits
+            if worker.process.poll() is None:
+                worker.process.terminate()
+        for worker in self.workers:
+            worker.stop()
 
     @property
     def url(self) -> str:
@@ -141,7 +218,9 @@ class Server:
         headers = {"Authorization": f"Bearer {API_KEY}"}
         return httpx.Client(base_url=self.url, headers=headers, timeout=60, **kwargs)
 
-    def start(self, workers: int = 1, ready_timeout: float = 90) -> None:
+    def start(self, workers: int = 1, ready_timeout: float = 90, wait_for_workers: bool = True) -> None:
+        """Start ``serve`` and wait until ``/readyz`` says a worker beats (``/livez`` without workers, or with
+        ``wait_for_workers=False``)."""
         self.log_path = self.data_dir / f"serve-{time.monotonic_ns()}.log"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port), "--workers", str(workers)],
@@ -151,7 +230,7 @@ class Server:
             cwd=self.data_dir,
         )
         deadline = time.monotonic() + ready_timeout
-        path = "/readyz" if workers else "/livez"
+        path = "/readyz" if workers and wait_for_workers else "/livez"
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
@@ -164,6 +243,8 @@ class Server:
         raise TimeoutError(f"server not ready after {ready_timeout} s:\n{self.log()}")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the server (``sig``), and the workers started with :meth:`start_worker` (SIGTERM)."""
+        self.stop_workers()
         if self.process is None:
             return
         if self.process.poll() is None:

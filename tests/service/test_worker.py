@@ -19,7 +19,7 @@ from service.jobs import FileInfo, JobStatus, JobStore, NewScan, Scan, create_db
 from service.queue import ScanQueue
 from service.storage import ScanFiles
 from service.worker import Reaper, ScanExecutor
-from tests.service.conftest import Server, submit, wait_for
+from tests.service.conftest import AUTH, Server, submit, wait_for
 
 
 @pytest.fixture
@@ -216,3 +216,74 @@ def test_killed_worker_scan_is_requeued_and_finishes(
     assert finished["status"] == "succeeded", finished["error"]
     assert finished["attempts"] == 2
     assert finished["verdict"] == "backdoored"
+
+
+# -- one worker per GPU ----------------------------------------------------------------------------------
+
+
+def test_worker_refuses_a_gpu_this_machine_lacks(tmp_path: Path) -> None:
+    """``worker --device cuda:N`` checks the device before it touches the job table or the queue: one line, exit 2."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    device = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU: absent on every machine
+    env = {**os.environ, "BDS_DATA_DIR": str(tmp_path / "data")}
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "worker", "--device", device],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"backdoor-scan: error [device_unavailable]: device '{device}' requested but ")
+    assert not (tmp_path / "data").exists()  # refused before the job table or the queue was opened
+
+
+def test_the_api_process_never_touches_cuda(
+    make_client: Callable[..., Any], service_files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``serve`` starts its workers after building the API, and GPU workers need a process in which CUDA was never
+    initialised before it forked: building the API and checking uploads must not call into CUDA at all."""
+    import torch
+
+    def no_cuda(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the API process called into CUDA")
+
+    for name in ("is_available", "device_count", "init", "_lazy_init", "current_device", "set_device"):
+        monkeypatch.setattr(torch.cuda, name, no_cuda)
+    client = make_client()
+    uploads = [
+        ({"model": ("badnets.pt2", service_files["badnets"].read_bytes())}, {}),
+        ({"model": ("tiny.safetensors", service_files["tiny"].read_bytes())}, {"arch": "mnist_cnn"}),
+    ]
+    for files, fields in uploads:
+        response = client.post("/v1/scans", files=files, data=fields, headers=AUTH)
+        assert response.status_code == 202, response.text
+    assert client.get("/readyz").status_code in (200, 503)
+    assert client.get("/metrics").status_code == 200
+    assert not torch.cuda.is_initialized()
+
+
+def test_serve_does_not_restart_a_worker_that_refuses_its_device(make_server: Callable[..., Server]) -> None:
+    """A worker that exits 2 (a settings error) would only fail the same way again: no restart loop."""
+    import torch
+
+    server = make_server(device=f"cuda:{torch.cuda.device_count()}")
+    server.start(workers=1, wait_for_workers=False)
+    deadline = time.monotonic() + 90
+    while "refused to start" not in server.log():
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.2)
+    time.sleep(2.5)  # the supervisor checks every second
+    log = server.log()
+    assert log.count("backdoor-scan: error [device_unavailable]") == 1, log
+    assert log.count("refused to start") == 1, log
+    with server.client() as client:
+        assert client.get("/readyz").status_code == 503  # no worker beats
