@@ -18,6 +18,7 @@ __all__ = [
     "DeviceUnavailableError",
     "EmptyFileError",
     "FeatureExtractionError",
+    "GradCamUnavailableError",
     "InvalidDataError",
     "InvalidOptionError",
     "ScanCancelled",
@@ -132,3 +133,9 @@ class FeatureExtractionError(ScannerError):
     """The model has no linear classification head whose input could be read."""
 
     code = "no_penultimate_layer"
+
+
+class GradCamUnavailableError(ScannerError):
+    """The model has no 2-D convolution whose activations Grad-CAM could read (a skip reason in the evidence)."""
+
+    code = "no_conv_layer"

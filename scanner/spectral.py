@@ -91,6 +91,7 @@ _MIN_COMPONENT_SAMPLES = 5
 #: STRIP blends half of the input with half of another image.
 _BLEND_WEIGHT = 0.5
 _ARTIFACT_NAME = "spectral-suspicious.json"
+_SCORES_NAME = "spectral-scores.json"
 
 
 @dataclass(frozen=True, eq=False)  # holds tensors: compare by identity
@@ -449,7 +450,9 @@ def spectral_detector(inputs: ScanInputs, config: SpectralConfig | None = None) 
     ``samples``, ``separation``, ``score``, ``flagged``; flagged classes add
     ``estimated_poisoned_fraction``, ``suspicious_count``, ``trigger_persistence`` and up to
     ``max_listed`` ``suspicious`` samples (``index`` into the training data, ``score``, ``path`` for
-    ImageFolder uploads), most suspicious first. The artifact ``spectral-suspicious.json`` lists all.
+    ImageFolder uploads), most suspicious first. The artifact ``spectral-suspicious.json`` lists all;
+    ``spectral-scores.json`` holds, per flagged class, every sample's ``poison_score`` (0 at the other component's
+    mean, 1 at the suspected one's) and whether it is ``suspicious``, in the class's order (for histograms).
     """
     training = inputs.training
     if training is None:
@@ -471,6 +474,7 @@ def spectral_detector(inputs: ScanInputs, config: SpectralConfig | None = None) 
     )
     classes: list[dict[str, Any]] = []
     complete: dict[str, list[dict[str, Any]]] = {}
+    scores: dict[str, dict[str, list[Any]]] = {}
     for split in result.classes:
         entry: dict[str, Any] = {
             "class": split.label,
@@ -488,6 +492,10 @@ def spectral_detector(inputs: ScanInputs, config: SpectralConfig | None = None) 
             entry["suspicious"] = listed[: config.max_listed]
             entry["suspicious_truncated"] = len(listed) > config.max_listed
             complete[str(split.label)] = listed
+            scores[str(split.label)] = {
+                "poison_score": [round(value, 4) for value in split.poison_score.tolist()],
+                "suspicious": split.suspicious.tolist(),
+            }
         classes.append(entry)
     artifact = json.dumps({"classes": complete}, indent=1).encode()
     return DetectorResult(
@@ -497,10 +505,13 @@ def spectral_detector(inputs: ScanInputs, config: SpectralConfig | None = None) 
             "threshold": result.threshold,
             "estimated_poisoned_samples": sum(len(v) for v in complete.values()),
             "classes": classes,
-            "artifacts": {"suspicious_json": _ARTIFACT_NAME},
+            "artifacts": {"suspicious_json": _ARTIFACT_NAME, "scores_json": _SCORES_NAME},
         },
         duration_s=result.duration_s,
-        artifacts={_ARTIFACT_NAME: artifact},
+        artifacts={
+            _ARTIFACT_NAME: artifact,
+            _SCORES_NAME: json.dumps({"classes": scores}, separators=(",", ":")).encode(),
+        },
     )
 
 

@@ -40,6 +40,8 @@ Scan image-classifier checkpoints for backdoors before you deploy them.
 3. Poll `GET /v1/scans/{id}` until `status` is `succeeded`, `failed` or `cancelled`; `result.verdict` is
    `clean`, `backdoored`, `unsafe_file` or `inconclusive`. Trigger masks are under
    `GET /v1/scans/{id}/artifacts/{name}`.
+4. `GET /v1/scans/{id}/report` (linked as `links.report`) is the scan's report for people: one self-contained HTML
+   page with the verdict, the recovered triggers, stamped examples, Grad-CAM heatmaps and charts.
 
 Errors are RFC 9457 `application/problem+json` with a stable `code`.
 """

@@ -270,7 +270,12 @@ class ScanPublic(BaseModel):
             )
             if scan.callback_url
             else None,
-            links={"self": base, "cancel": f"{base}/cancel", "artifacts": f"{base}/artifacts/{{name}}"},
+            links={
+                "self": base,
+                "cancel": f"{base}/cancel",
+                "artifacts": f"{base}/artifacts/{{name}}",
+                "report": f"{base}/report",
+            },
         )
 
 

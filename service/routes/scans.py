@@ -10,11 +10,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, HTMLResponse
 from pydantic import ValidationError
 
 from scanner.errors import ScannerError
 from scanner.formats import check_model_file
+from scanner.html_report import render_html
 from service.deps import ApiKeyDep, StateDep
 from service.jobs import FINISHED, JobStatus, NewScan, Scan, new_scan_id
 from service.problems import PROBLEM_JSON, ServiceError, scanner_problem
@@ -34,6 +35,9 @@ def _problem(description: str) -> dict[str, Any]:
 _AUTH: dict[int | str, dict[str, Any]] = {401: _problem("missing or invalid API key")}
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: _problem("no such scan")}
 _MEDIA_TYPES = {".png": "image/png", ".npy": "application/octet-stream", ".json": "application/json"}
+#: The report needs nothing from anywhere: no script, no request; images are data: URIs and the CSS is inline.
+_REPORT_POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
+_REPORT_ARTIFACTS = (".png", ".json")  # what the page shows; the .npy arrays stay out of memory
 
 
 def _scan_or_404(scan: Scan | None, scan_id: str) -> Scan:
@@ -263,3 +267,43 @@ def get_artifact(scan_id: str, name: str, state: StateDep) -> FileResponse:
     if path is None or not path.is_file():
         raise ServiceError(HTTPStatus.NOT_FOUND, "artifact_not_found", f"scan {scan_id} has no artifact {name!r}")
     return FileResponse(path, media_type=_MEDIA_TYPES.get(path.suffix, "application/octet-stream"))
+
+
+@router.get(
+    "/{scan_id}/report",
+    response_class=HTMLResponse,
+    responses={
+        **_AUTH,
+        **_NOT_FOUND,
+        409: _problem("the scan has not succeeded (queued, running, failed or cancelled)"),
+        200: {"description": "a self-contained HTML page", "content": {"text/html": {}}},
+    },
+)
+def get_report(scan_id: str, state: StateDep) -> HTMLResponse:
+    """The scan's report for people: verdict, recovered triggers, stamped examples, Grad-CAM, charts (one HTML page)."""
+    scan = _scan_or_404(state.store.get(scan_id), scan_id)
+    if scan.status != JobStatus.succeeded or scan.result is None:
+        raise ServiceError(
+            HTTPStatus.CONFLICT, "scan_not_finished", f"the scan is {scan.status}: a report exists once it succeeded"
+        )
+    directory = ScanFiles(state.settings.scans_dir, scan_id).artifacts
+    artifacts = (
+        {path.name: path.read_bytes() for path in directory.iterdir() if path.suffix in _REPORT_ARTIFACTS}
+        if directory.is_dir()
+        else {}
+    )
+    settings: dict[str, Any] = {
+        "scan id": scan.id,
+        "model file": scan.model_filename,
+        "clean samples (data)": scan.data_filename,
+        "training data": scan.training_data_filename,
+        "options": scan.options,
+        "submitted": scan.created_at.isoformat(),
+        "started": scan.started_at.isoformat() if scan.started_at else None,
+        "finished": scan.finished_at.isoformat() if scan.finished_at else None,
+        "attempts": scan.attempts,
+    }
+    if scan.started_at and scan.finished_at:
+        settings["scan duration (s)"] = round((scan.finished_at - scan.started_at).total_seconds(), 3)
+    page = render_html(scan.result, artifacts, title=scan.model_filename, settings=settings)
+    return HTMLResponse(page, headers={"Content-Security-Policy": _REPORT_POLICY, "X-Content-Type-Options": "nosniff"})

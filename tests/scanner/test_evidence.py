@@ -1,0 +1,81 @@
+"""Trigger evidence: predictions and Grad-CAM before and after stamping, as JSON and PNG strips; never fails a scan."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from scanner.attacks import patch_trigger
+from scanner.datasets import MnistSplit
+from scanner.detectors import _evidence
+from scanner.evidence import evidence_pngs, trigger_evidence
+from scanner.neural_cleanse import ClassTrigger
+from tests.factories import BadNetsModel
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_backdoor_evidence_flips_predictions_and_moves_heat(badnets: BadNetsModel, mnist: MnistSplit) -> None:
+    images, labels = mnist.test_images[:200], mnist.test_labels[:200]
+    evidence = trigger_evidence(badnets.model, images, labels, badnets.trigger, badnets.target)
+    entry = evidence.to_dict()
+    json.dumps(entry)  # JSON-ready
+    assert entry["status"] == "ok"
+    assert entry["samples"] == 8
+    assert badnets.target not in entry["labels"]
+    assert entry["labels"] == labels[entry["sample_indices"]].tolist()
+    assert entry["stamped_predictions"] == [badnets.target] * 8
+    assert entry["stamped_to_target"] == 1.0
+    gradcam = entry["gradcam"]
+    assert gradcam["status"] == "ok"
+    assert gradcam["layer"] == "features.3"
+    assert gradcam["heat_in_trigger_stamped"] > 3 * gradcam["heat_in_trigger_clean"]
+    assert gradcam["trigger_area_fraction"] == round(9 / 784, 4)
+
+    pngs = evidence_pngs(evidence)
+    assert set(pngs) == {"stamped", "gradcam"}
+    for png in pngs.values():
+        assert png.startswith(PNG_MAGIC)
+        image = Image.open(io.BytesIO(png))
+        assert image.mode == "RGB"
+        assert image.width > 8 * 112  # 8 columns of 112-pixel tiles
+        assert image.height > 2 * 112  # 2 rows
+
+
+def test_clean_model_keeps_its_predictions_under_the_patch(clean_model: nn.Module, mnist: MnistSplit) -> None:
+    images, labels = mnist.test_images[:200], mnist.test_labels[:200]
+    entry = trigger_evidence(clean_model, images, labels, patch_trigger((1, 28, 28)), 0, samples=32).to_dict()
+    assert entry["stamped_to_target"] < 0.1
+    same = sum(a == b for a, b in zip(entry["clean_predictions"], entry["stamped_predictions"], strict=True))
+    assert same / 32 > 0.9
+
+
+def test_without_convolution_gradcam_is_skipped_and_predictions_remain(mnist: MnistSplit) -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10)).eval()
+    evidence = trigger_evidence(model, mnist.test_images[:20], mnist.test_labels[:20], patch_trigger((1, 28, 28)), 0)
+    entry = evidence.to_dict()
+    assert entry["status"] == "ok"
+    assert entry["gradcam"]["status"] == "skipped"
+    assert "Conv2d" in entry["gradcam"]["reason"]
+    assert set(evidence_pngs(evidence)) == {"stamped"}
+
+
+def test_only_target_samples_is_refused(badnets: BadNetsModel, mnist: MnistSplit) -> None:
+    images = mnist.test_images[:4]
+    with pytest.raises(ValueError, match="nothing to stamp"):
+        trigger_evidence(badnets.model, images, torch.zeros(4, dtype=torch.int64), badnets.trigger, 0)
+
+
+def test_a_failing_evidence_is_reported_not_raised(badnets: BadNetsModel, mnist: MnistSplit) -> None:
+    wrong_size = ClassTrigger(
+        target=0, mask=torch.ones(5, 5), pattern=torch.ones(1, 5, 5), mask_l1=25.0, reached_threshold=True, steps=1
+    )
+    entry, pngs = _evidence(badnets.model, mnist.test_images[:20], mnist.test_labels[:20], wrong_size)
+    assert entry["status"] == "error"
+    assert entry["code"] == "evidence_failed"
+    assert pngs == {}

@@ -1,0 +1,188 @@
+"""The HTML report: a real scan of the BadNets model (``backdoor-scan scan --report``) gives one self-contained page
+with the verdict, the recovered trigger, the evidence and the charts; everything from the verdict is escaped."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+from html.parser import HTMLParser
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+from scanner.datasets import MnistSplit
+from scanner.html_report import render_html
+from service.cli import main
+from tests.factories import BadNetsModel, to_uint8, write_npz
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+class _Tags(HTMLParser):
+    """Every start tag with its attributes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, dict(attrs)))
+
+
+def _tags(page: str) -> list[tuple[str, dict[str, str | None]]]:
+    parser = _Tags()
+    parser.feed(page)
+    parser.close()
+    return parser.tags
+
+
+@pytest.fixture(scope="module")
+def scanned(badnets: BadNetsModel, mnist: MnistSplit, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """``backdoor-scan scan badnets.pt2 --data ... --training-data ... --artifacts DIR --report FILE`` once."""
+    root = tmp_path_factory.mktemp("html-report")
+    program = torch.export.export(
+        badnets.model, (mnist.test_images[:2],), dynamic_shapes=({0: torch.export.Dim("batch")},)
+    )
+    torch.export.save(program, root / "badnets.pt2")
+    data = write_npz(root / "clean.npz", to_uint8(mnist.test_images[:200]), mnist.test_labels[:200].numpy())
+    train = write_npz(root / "train.npz", to_uint8(badnets.poisoned.images), badnets.poisoned.labels.numpy())
+    argv = [
+        "scan", str(root / "badnets.pt2"), "--data", str(data), "--training-data", str(train), "--device", "cpu",
+        "--format", "json", "--artifacts", str(root / "artifacts"), "--report", str(root / "report.html"),
+    ]  # fmt: skip
+    assert main(argv) == 1  # findings
+    return {
+        "page": (root / "report.html").read_text(encoding="utf-8"),
+        "verdict": json.loads((root / "artifacts" / "verdict.json").read_text()),
+        "artifacts": root / "artifacts",
+    }
+
+
+def test_report_shows_the_verdict_and_the_target(scanned: dict[str, Any], badnets: BadNetsModel) -> None:
+    page, verdict = scanned["page"], scanned["verdict"]
+    assert verdict["verdict"] == "backdoored"
+    assert page.startswith("<!DOCTYPE html>")
+    assert '<header class="banner bad" id="verdict">' in page
+    assert ">BACKDOORED</div>" in page
+    assert f"flagged classes: {badnets.target}</div>" in page
+    assert f'id="nc-class-{badnets.target}"' in page
+    assert f'id="spectral-class-{badnets.target}"' in page
+    assert page.count("<svg") == 2  # the anomaly-index chart and the target's score histogram
+    assert "threshold 3.84" in page
+    assert "badnets.pt2" in page
+
+
+def test_report_carries_the_evidence_numbers(scanned: dict[str, Any], badnets: BadNetsModel) -> None:
+    target = next(c for c in scanned["verdict"]["detectors"]["neural_cleanse"]["classes"] if c["flagged"])
+    evidence = target["evidence"]
+    gradcam = evidence["gradcam"]
+    assert gradcam["status"] == "ok"
+    assert gradcam["layer"].startswith("features.3")  # found in the exported program's graph
+    assert gradcam["heat_in_trigger_stamped"] > 2 * gradcam["heat_in_trigger_clean"]
+    assert evidence["stamped_predictions"].count(badnets.target) >= 7
+    shift = f"{gradcam['heat_in_trigger_clean']:.4g} clean &rarr; {gradcam['heat_in_trigger_stamped']:.4g} stamped"
+    assert shift in scanned["page"]
+    assert target["artifacts"]["gradcam_png"] == f"nc-class-{badnets.target}-gradcam.png"
+    assert (scanned["artifacts"] / target["artifacts"]["stamped_png"]).read_bytes().startswith(PNG_MAGIC)
+    scores = json.loads((scanned["artifacts"] / "spectral-scores.json").read_text())
+    assert list(scores["classes"]) == [str(badnets.target)]
+
+
+def test_report_is_self_contained(scanned: dict[str, Any]) -> None:
+    page = scanned["page"]
+    assert not re.search(r"https?:", page), "no URL at all: nothing to fetch"
+    assert "<script" not in page
+    images = [attrs for tag, attrs in _tags(page) if tag == "img"]
+    assert len(images) == 2 + 2 + 2 * 10  # flagged mask and pattern, the two evidence strips, the gallery
+    for attrs in images:
+        source = attrs["src"] or ""
+        assert source.startswith("data:image/png;base64,"), source[:60]
+        png = base64.b64decode(source.removeprefix("data:image/png;base64,"), validate=True)
+        assert Image.open(io.BytesIO(png)).size[0] > 0
+    references = [value for _, attrs in _tags(page) for key, value in attrs.items() if key in ("href", "src")]
+    assert all((value or "").startswith("data:") for value in references)
+
+
+def test_report_from_the_service_result_matches(scanned: dict[str, Any]) -> None:
+    """The service stores artifact names as URLs; the page only uses their last segment."""
+    verdict = scanned["verdict"]
+    artifacts = {path.name: path.read_bytes() for path in scanned["artifacts"].iterdir()}
+    as_urls = json.loads(
+        json.dumps(verdict)
+        .replace('"nc-class-', '"/v1/scans/abc/artifacts/nc-class-')
+        .replace('"spectral-', '"/v1/scans/abc/artifacts/spectral-')
+    )
+    assert as_urls != verdict
+    assert render_html(as_urls, artifacts, title="m") == render_html(verdict, artifacts, title="m")
+
+
+def _hostile_verdict(payload: str) -> dict[str, Any]:
+    return {
+        "verdict": "backdoored",
+        "flagged_classes": [payload],
+        "detectors": {
+            "model_file": {"status": "ok", "flagged_classes": [], "findings": [{"message": payload}]},
+            "neural_cleanse": {
+                "status": "ok",
+                "flagged_classes": [0],
+                "threshold": 2.0,
+                "threshold_rule": payload,
+                "classes": [
+                    {
+                        "class": payload,
+                        "mask_l1": 3.0,
+                        "anomaly_index": 9.0,
+                        "flagged": True,
+                        "artifacts": {"mask_png": f"../../{payload}.png", "stamped_png": "/etc/passwd"},
+                        "evidence": {
+                            "status": "ok",
+                            "samples": 1,
+                            "labels": [payload],
+                            "stamped_predictions": [0],
+                            "gradcam": {"status": "ok", "layer": payload, "heat_in_trigger_clean": payload},
+                        },
+                    }
+                ],
+            },
+            "spectral_signatures": {"status": "skipped", "reason": payload},
+        },
+        "errors": [{"detector": payload, "code": payload, "detail": payload}],
+        "model": {"format": payload, "sha256": payload, "input_shape": [payload]},
+        "scanner": {"version": payload},
+    }
+
+
+def test_report_escapes_everything_from_the_verdict() -> None:
+    payload = '"><script>alert(1)</script><img src=x onerror=alert(2)>'
+    page = render_html(
+        _hostile_verdict(payload),
+        {"passwd": b"root:x:0:0", f"{payload}.png": PNG_MAGIC + b"not really"},
+        title=f"model{payload}.pt2",
+        settings={payload: payload, "options": {"arch": payload}},
+    )
+    assert "<script" not in page
+    assert "onerror=" not in page.replace("onerror=alert(2)&gt;", "")  # only as escaped text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert not [attrs for tag, attrs in _tags(page) if tag == "img"], "no image: none is a PNG we can trust"
+    assert page.count("not available") >= 2
+
+
+def test_report_of_an_unsafe_file_and_of_an_inconclusive_scan() -> None:
+    unsafe = {
+        "verdict": "unsafe_file",
+        "flagged_classes": [],
+        "detectors": {
+            "model_file": {"status": "ok", "findings": [{"message": "imports os.system"}]},
+            "neural_cleanse": {"status": "skipped", "reason": "the model file is unsafe and was not loaded"},
+        },
+    }
+    page = render_html(unsafe, {})
+    assert '<header class="banner bad"' in page
+    assert "imports os.system" in page
+    inconclusive = render_html({"verdict": "inconclusive", "detectors": {}}, {})
+    assert '<header class="banner unknown"' in inconclusive
+    assert "INCONCLUSIVE" in inconclusive
