@@ -16,16 +16,18 @@ head. Two kinds of model reach the scanner:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import fx, nn
 
 from scanner.errors import FeatureExtractionError
 
-__all__ = ["FeatureExtractionError", "penultimate_features"]
+M = TypeVar("M", bound=nn.Module)
+
+__all__ = ["FeatureExtractionError", "last_module_run", "penultimate_features"]
 
 #: ATen ops that implement a linear layer in an exported graph, and the argument that is the layer's input.
 _LINEAR_OPS: dict[Any, int] = {
@@ -95,33 +97,40 @@ def _as_features(tensor: Any) -> torch.Tensor:
     return tensor.detach().float()
 
 
-def _last_linear_module(model: nn.Module, probe: torch.Tensor) -> nn.Linear:
-    """The ``nn.Linear`` that runs last in a forward pass on ``probe`` (one image is enough)."""
-    order: list[nn.Linear] = []
-    handles = []
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            handles.append(module.register_forward_pre_hook(_recorder(order, module)))
-    if not handles:
-        raise FeatureExtractionError(
-            f"{type(model).__name__} has no nn.Linear layer and no torch.export graph: "
-            "penultimate features need a linear classification head"
-        )
+def last_module_run(model: nn.Module, probe: torch.Tensor, kind: type[M]) -> tuple[str, M] | None:
+    """The module of type ``kind`` that runs last in a forward pass on ``probe`` (one image is enough), with its
+    qualified name; ``None`` when none of them ran."""
+    names = {id(module): name for name, module in model.named_modules() if isinstance(module, kind)}
+    order: list[nn.Module] = []
+    handles = [
+        module.register_forward_pre_hook(lambda layer, args: order.append(layer))
+        for module in model.modules()
+        if id(module) in names
+    ]
     try:
-        model(probe)
+        with torch.no_grad():
+            model(probe)
     finally:
         for handle in handles:
             handle.remove()
     if not order:
+        return None
+    last = order[-1]
+    assert isinstance(last, kind)
+    return names[id(last)], last
+
+
+def _last_linear_module(model: nn.Module, probe: torch.Tensor) -> nn.Linear:
+    """The ``nn.Linear`` that runs last in a forward pass on ``probe``."""
+    if not any(isinstance(module, nn.Linear) for module in model.modules()):
+        raise FeatureExtractionError(
+            f"{type(model).__name__} has no nn.Linear layer and no torch.export graph: "
+            "penultimate features need a linear classification head"
+        )
+    found = last_module_run(model, probe, nn.Linear)
+    if found is None:
         raise FeatureExtractionError("no nn.Linear layer ran in a forward pass; the classification head is not linear")
-    return order[-1]
-
-
-def _recorder(order: list[nn.Linear], module: nn.Linear) -> Callable[[nn.Module, tuple[Any, ...]], None]:
-    def record(_: nn.Module, args: tuple[Any, ...]) -> None:
-        order.append(module)
-
-    return record
+    return found[1]
 
 
 def _exported_graph(model: nn.Module) -> tuple[str, fx.GraphModule, fx.Node] | None:

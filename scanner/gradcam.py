@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from scanner.errors import GradCamUnavailableError
-from scanner.features import _ancestors, _submodule_replaced
+from scanner.features import _ancestors, _submodule_replaced, last_module_run
 
 __all__ = ["GradCam", "GradCamUnavailableError", "grad_cam", "heat_fraction_inside", "last_conv_layer"]
 
@@ -224,29 +224,15 @@ def _conv_tap(model: nn.Module, probe: Tensor) -> Iterator[tuple[str, _Forward, 
 
 def _last_conv_module(model: nn.Module, probe: Tensor) -> tuple[str, nn.Conv2d]:
     """The ``nn.Conv2d`` that runs last in a forward pass on ``probe``, with its qualified name."""
-    names = {id(module): name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)}
-    if not names:
+    if not any(isinstance(module, nn.Conv2d) for module in model.modules()):
         raise GradCamUnavailableError(
             f"{type(model).__name__} has no nn.Conv2d layer and no torch.export graph with a convolution:"
             " Grad-CAM needs a convolutional layer"
         )
-    order: list[nn.Module] = []
-    handles = [
-        module.register_forward_pre_hook(lambda layer, args: order.append(layer))
-        for module in model.modules()
-        if id(module) in names
-    ]
-    try:
-        with torch.no_grad():
-            model(probe)
-    finally:
-        for handle in handles:
-            handle.remove()
-    if not order:
+    found = last_module_run(model, probe, nn.Conv2d)
+    if found is None:
         raise GradCamUnavailableError("no nn.Conv2d layer ran in a forward pass")
-    last = order[-1]
-    assert isinstance(last, nn.Conv2d)
-    return names[id(last)], last
+    return found
 
 
 def _exported_conv(model: nn.Module) -> tuple[str, fx.GraphModule, fx.Node] | None:
