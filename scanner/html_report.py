@@ -472,12 +472,7 @@ def _anomaly_chart(classes: list[Mapping[str, Any]], threshold: float | None) ->
     l1 = sorted(v for v in (_number(c.get("mask_l1")) for c in classes) if v is not None)
     median = l1[len(l1) // 2] if l1 else None
     slot = plot_w / len(classes)
-    parts = [f'<svg role="img" aria-label="anomaly index per class" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}">']  # fmt: skip
-    for tick in _ticks(top_value):
-        y = top + plot_h * (1 - tick / top_value)
-        parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eaeded"/>')
-        parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{tick:g}</text>')
+    parts = _svg_with_grid("anomaly index per class", (width, height, left, right, top, plot_h), top_value)
     for i, (entry, value) in enumerate(zip(classes, values, strict=True)):
         shown = top_value if value is None else value
         bar_h = plot_h * shown / top_value
@@ -513,6 +508,21 @@ def _anomaly_chart(classes: list[Mapping[str, Any]], threshold: float | None) ->
     return "".join(parts)
 
 
+def _svg_with_grid(label: str, frame: tuple[int, int, int, int, int, int], top_value: float) -> list[str]:
+    """The opening ``<svg>`` of a chart and its horizontal grid lines with their labels.
+
+    ``frame`` is ``(width, height, left, right, top, plot_h)``; ``top_value`` is the value at the top of the plot.
+    """
+    width, height, left, right, top, plot_h = frame
+    parts = [f'<svg role="img" aria-label="{label}" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}">']  # fmt: skip
+    for tick in _ticks(top_value):
+        y = top + plot_h * (1 - tick / top_value)
+        parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eaeded"/>')
+        parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{tick:g}</text>')
+    return parts
+
+
 def _histogram(scores: list[float], suspicious: list[bool]) -> str:
     """Stacked histogram of one class's poison scores: the suspected part over the rest."""
     width, height, left, right, top, bottom = 640, 200, 46, 12, 10, 34
@@ -525,12 +535,7 @@ def _histogram(scores: list[float], suspicious: list[bool]) -> str:
     for score, flag in zip(scores, suspicious, strict=True):
         counts[min(int((score - low) / step), _HISTOGRAM_BINS - 1)][int(flag)] += 1
     peak = float(max(max(rest + suspected for rest, suspected in counts), 1))
-    parts = [f'<svg role="img" aria-label="poison score histogram" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}">']  # fmt: skip
-    for tick in _ticks(peak):
-        y = top + plot_h * (1 - tick / peak)
-        parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eaeded"/>')
-        parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{tick:g}</text>')
+    parts = _svg_with_grid("poison score histogram", (width, height, left, right, top, plot_h), peak)
     bar_w = plot_w / _HISTOGRAM_BINS
     for i, (rest, suspected) in enumerate(counts):
         x = left + i * bar_w

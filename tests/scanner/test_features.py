@@ -16,13 +16,6 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def mnist_cnn() -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return build_architecture("mnist_cnn", 10).eval()
-
-
-@pytest.fixture(scope="module")
 def images() -> torch.Tensor:
     return torch.rand(37, 1, 28, 28, generator=torch.Generator().manual_seed(1))
 

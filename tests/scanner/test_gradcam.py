@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-from scanner.architectures import build_architecture
 from scanner.attacks import Trigger, patch_trigger
 from scanner.config import ModelOptions
 from scanner.data import with_normalization
@@ -22,13 +21,6 @@ from tests.factories import BadNetsModel
 
 CPU = torch.device("cpu")
 SAMPLES = 32  # clean non-target images stamped in the heat tests
-
-
-@pytest.fixture(scope="module")
-def mnist_cnn() -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return build_architecture("mnist_cnn", 10).eval()
 
 
 @pytest.fixture(scope="module")
