@@ -136,7 +136,9 @@ class _Schedule:
 
 
 def _to_unit(raw: Tensor) -> Tensor:
-    return torch.tanh(raw) / (2 - _EPSILON) + 0.5
+    # the authors' map; dividing by (2 - eps) overshoots [0, 1] by ~3e-8 where tanh saturates, so clamp: a mask
+    # pixel driven to 0 once came out as -6e-8 and failed the trigger's range check
+    return (torch.tanh(raw) / (2 - _EPSILON) + 0.5).clamp(0.0, 1.0)
 
 
 def _from_unit(values: Tensor) -> Tensor:

@@ -10,13 +10,16 @@ import pytest
 import torch
 from torch import nn
 
+from scanner.attacks import Trigger
 from scanner.config import NeuralCleanseConfig
 from scanner.datasets import MnistSplit
 from scanner.errors import InvalidOptionError
 from scanner.neural_cleanse import (
     ClassTrigger,
     NeuralCleanseResult,
+    _from_unit,
     _Schedule,
+    _to_unit,
     neural_cleanse,
     reverse_engineer_triggers,
 )
@@ -190,6 +193,18 @@ def test_chunks_follow_the_memory_budget() -> None:
     assert NeuralCleanseConfig(batch_size=32, max_images_per_forward=320).classes_per_chunk() == 10
     assert NeuralCleanseConfig(batch_size=64, max_images_per_forward=32).classes_per_chunk() == 1
     assert NeuralCleanseConfig(chunk_size=3).classes_per_chunk() == 3
+
+
+def test_saturated_masks_stay_inside_the_unit_range() -> None:
+    """The authors' tanh map divides by (2 - eps) and overshot [0, 1] by ~3e-8 where tanh saturates: a mask pixel
+    driven to 0 came out as -6e-8 and the trigger's range check failed the whole detector."""
+    raw = torch.tensor([-40.0, -9.0, 0.0, 9.0, 40.0])
+    unit = _to_unit(raw)
+    assert float(unit.min()) >= 0.0
+    assert float(unit.max()) <= 1.0
+    assert unit[2] == pytest.approx(0.5)
+    assert torch.isfinite(_from_unit(unit)).all()  # and back to finite parameters
+    Trigger(mask=_to_unit(torch.full((3, 3), -40.0)), pattern=_to_unit(torch.full((1, 3, 3), 40.0)))
 
 
 def test_class_trigger_is_frozen() -> None:
