@@ -152,6 +152,8 @@ def _run_neural_cleanse(inputs: ScanInputs) -> DetectorResult:
                 else f"calibrated: {inputs.config.neural_cleanse.false_positive_rate:g} false-positive rate "
                 f"for {inputs.num_classes} classes"
             ),
+            "anomaly_scale": inputs.config.neural_cleanse.anomaly_scale,
+            "rounds": result.rounds,
             "samples_used": int(min(len(images), inputs.config.neural_cleanse.max_samples)),
             "classes": classes,
         },

@@ -234,6 +234,7 @@ def _settings_section(verdict: Mapping[str, Any], detectors: Mapping[str, Any], 
             ("Neural Cleanse threshold", nc.get("threshold")),
             ("Neural Cleanse threshold rule", nc.get("threshold_rule")),
             ("Neural Cleanse samples used", nc.get("samples_used")),
+            ("Neural Cleanse rounds", nc.get("rounds")),
         ]
     if spectral.get("status") == "ok":
         rows.append(("spectral signatures threshold", spectral.get("threshold")))

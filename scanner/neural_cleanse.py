@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -52,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 _MIN_L1 = 1e-3  # a mask of (almost) no pixels: keeps log(L1) finite
 _EPSILON = 1e-7  # keeps tanh-space parameters finite when a mask value starts at exactly 0 or 1
+_RESTART_SEED_STEP = 7919  # restart r runs with seed + r * this: another start and another sample order
 
 #: ``progress(fraction, message)`` with fraction in [0, 1] of the whole reverse-engineering.
 StepProgress = Callable[[float, str], None]
@@ -354,7 +356,7 @@ def _reverse_all(
                 progress(done, f"reversing triggers ({number}/{len(rounds)})")
 
         with torch.enable_grad():
-            run_seed = seed + restart * 7919  # each restart starts elsewhere and sees the samples in another order
+            run_seed = seed + restart * _RESTART_SEED_STEP
             found.append(_optimise_chunk(model, images, chunk_targets, num_classes, config, run_seed, on_step))
         finished += len(chunk_targets)
     by_class: dict[int, list[ClassTrigger]] = {}
@@ -379,6 +381,7 @@ class NeuralCleanseResult:
     threshold: float
     duration_s: float
     steps_total: int = field(default=0)
+    rounds: int = field(default=1)
 
     @property
     def flagged_classes(self) -> list[int]:
@@ -412,6 +415,10 @@ def neural_cleanse(
 ) -> NeuralCleanseResult:
     """Run Neural Cleanse on a classifier.
 
+    Every class is reversed ``config.restarts`` times; while the decision is close (see
+    ``NeuralCleanseConfig.confirm_rounds``) up to ``config.confirm_rounds`` more rounds follow, and each class
+    keeps its smallest valid mask over all of them.
+
     Args:
         model: classifier taking (N, C, H, W) images in [0, 1]; eval mode; on the device of ``images``.
         images: clean, correctly labelled samples (N, C, H, W) in [0, 1].
@@ -425,23 +432,67 @@ def neural_cleanse(
         The triggers, anomaly indices, flags and the attack success rate of each reversed trigger.
     """
     started = time.perf_counter()
-    triggers = reverse_engineer_triggers(model, images, num_classes, config, seed=seed, progress=progress)
-    l1 = np.array([max(t.mask_l1, _MIN_L1) for t in triggers])
-    statistic = np.log(l1) if config.anomaly_scale == "log" else l1
-    indices = anomaly_index(statistic)
-    threshold = decision_threshold(config, len(triggers))
-    flagged = small_outliers(statistic, threshold)
+    most_rounds = config.restarts + config.confirm_rounds
+
+    def share(first: int, count: int) -> StepProgress | None:
+        """Progress of rounds ``first .. first + count`` as a share of the most rounds this run can take."""
+        if progress is None:
+            return None
+        return lambda fraction, message: progress((first + count * fraction) / most_rounds, message)
+
+    triggers = reverse_engineer_triggers(
+        model, images, num_classes, config, seed=seed, progress=share(0, config.restarts)
+    )
+    rounds = config.restarts
+    statistic, threshold = _outlier_statistic(triggers, config)
+    while rounds < most_rounds and _is_close_call(statistic, threshold, config.confirm_margin):
+        logger.debug("Neural Cleanse: close call (threshold %.2f), confirmation round %d", threshold, rounds + 1)
+        again = reverse_engineer_triggers(
+            model,
+            images,
+            num_classes,
+            replace(config, restarts=1),
+            seed=seed + rounds * _RESTART_SEED_STEP,  # the same run as restart number `rounds` would be
+            progress=share(rounds, 1),
+        )
+        triggers = [_smallest([one, other]) for one, other in zip(triggers, again, strict=True)]
+        rounds += 1
+        statistic, threshold = _outlier_statistic(triggers, config)
+    if progress is not None:
+        progress(1.0, "outlier test")
     rates = _attack_success_rates(model, images, labels, triggers)
     return NeuralCleanseResult(
         triggers=triggers,
-        anomaly_indices=[float(i) for i in indices],
-        anomaly_indices_l1=[float(i) for i in anomaly_index(l1)],
-        flagged=[bool(f) for f in flagged],
+        anomaly_indices=[float(i) for i in anomaly_index(statistic)],
+        anomaly_indices_l1=[float(i) for i in anomaly_index(_l1_norms(triggers))],
+        flagged=[bool(f) for f in small_outliers(statistic, threshold)],
         attack_success_rates=rates,
         threshold=threshold,
         duration_s=time.perf_counter() - started,
         steps_total=sum(t.steps for t in triggers),
+        rounds=rounds,
     )
+
+
+def _l1_norms(triggers: Sequence[ClassTrigger]) -> npt.NDArray[np.float64]:
+    return np.array([max(t.mask_l1, _MIN_L1) for t in triggers], dtype=np.float64)
+
+
+def _outlier_statistic(
+    triggers: Sequence[ClassTrigger], config: NeuralCleanseConfig
+) -> tuple[npt.NDArray[np.float64], float]:
+    """The values the outlier test runs on (L1 norms on ``config.anomaly_scale``) and its threshold."""
+    l1 = _l1_norms(triggers)
+    return (np.log(l1) if config.anomaly_scale == "log" else l1), decision_threshold(config, len(triggers))
+
+
+def _is_close_call(statistic: npt.NDArray[np.float64], threshold: float, margin: float) -> bool:
+    """Whether the largest small-side anomaly index lies within ``margin`` (relative) of ``threshold``."""
+    small_side = statistic < np.median(statistic)
+    if not small_side.any():
+        return False
+    largest = float(anomaly_index(statistic)[small_side].max())
+    return threshold * (1 - margin) <= largest <= threshold * (1 + margin)
 
 
 def decision_threshold(config: NeuralCleanseConfig, num_classes: int) -> float:

@@ -61,6 +61,9 @@ class ScanOptions(BaseModel):
     seed: int = Field(default=0, ge=0, le=2**31 - 1, description="random seed")
     trust_code: bool = Field(default=False, description="load TorchScript (runs code; the server must allow it)")
     nc_restarts: int | None = Field(default=None, ge=1, le=5, description="Neural Cleanse restarts per class")
+    nc_confirm_rounds: int | None = Field(
+        default=None, ge=0, le=5, description="Neural Cleanse rounds added when the decision is close (default 1)"
+    )
     nc_max_steps: int | None = Field(default=None, ge=1, le=10_000, description="Neural Cleanse step limit per class")
     nc_anomaly_threshold: float | None = Field(
         default=None, gt=0, le=100, description="fixed anomaly-index threshold (default: calibrated)"
@@ -160,6 +163,8 @@ def scan_config(options: ScanOptions) -> ScanConfig:
     neural_cleanse = NeuralCleanseConfig()
     if options.nc_restarts is not None:
         neural_cleanse = replace(neural_cleanse, restarts=options.nc_restarts)
+    if options.nc_confirm_rounds is not None:
+        neural_cleanse = replace(neural_cleanse, confirm_rounds=options.nc_confirm_rounds)
     if options.nc_max_steps is not None:
         neural_cleanse = replace(neural_cleanse, max_steps=options.nc_max_steps)
     if options.nc_anomaly_threshold is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -18,6 +19,7 @@ from scanner.neural_cleanse import (
     ClassTrigger,
     NeuralCleanseResult,
     _from_unit,
+    _is_close_call,
     _Schedule,
     _to_unit,
     neural_cleanse,
@@ -225,6 +227,40 @@ def test_restarts_keep_the_smallest_valid_mask(badnets: BadNetsModel, mnist: Mni
         valid = [t for t in runs if t.reached_threshold] or runs
         assert trigger.mask_l1 == pytest.approx(min(t.mask_l1 for t in valid))
         assert trigger.steps == runs[0].steps + runs[1].steps
+
+
+def test_close_call_band_on_hand_made_numbers() -> None:
+    # median 0, MAD 1 -> scaled 1.4826: the smallest value sits at index 3 exactly
+    statistic = np.array([-3 * 1.4826, -1.0, -1.0, 0.0, 0.0, 1.0, 1.0, 2.0])
+    assert _is_close_call(statistic, threshold=3.84, margin=0.4)  # 3 is within 40% below 3.84
+    assert not _is_close_call(statistic, threshold=3.84, margin=0.2)  # not within 20%
+    assert _is_close_call(statistic, threshold=2.5, margin=0.2)  # 20% above counts too
+    assert not _is_close_call(statistic, threshold=2.0, margin=0.4)  # 3 > 2.8: clearly flagged
+    assert not _is_close_call(np.zeros(5), threshold=3.84, margin=0.4)  # nothing below the median
+
+
+def test_close_call_gets_a_confirmation_round(badnets: BadNetsModel, mnist: MnistSplit) -> None:
+    """Near the threshold every class is reversed again (the same run as restart 2) and keeps its smallest valid
+    mask; far from it one round decides."""
+    images, labels = clean_samples(mnist)
+    single = NeuralCleanseConfig(max_steps=30, confirm_rounds=0)
+    first = neural_cleanse(badnets.model, images, labels, 10, single, seed=0)
+    assert first.rounds == 1
+    median = np.median([t.mask_l1 for t in first.triggers])
+    largest = max(i for i, t in zip(first.anomaly_indices, first.triggers, strict=True) if t.mask_l1 < median)
+
+    close = replace(single, confirm_rounds=1, confirm_margin=0.1, anomaly_threshold=largest)
+    confirmed = neural_cleanse(badnets.model, images, labels, 10, close, seed=0)
+    assert confirmed.rounds == 2
+    second = reverse_engineer_triggers(badnets.model, images, 10, single, seed=7919)
+    for k, trigger in enumerate(confirmed.triggers):
+        runs = [first.triggers[k], second[k]]
+        valid = [t for t in runs if t.reached_threshold] or runs
+        assert trigger.mask_l1 == pytest.approx(min(t.mask_l1 for t in valid))
+        assert trigger.steps == runs[0].steps + runs[1].steps
+
+    clear = replace(close, anomaly_threshold=3 * largest)
+    assert neural_cleanse(badnets.model, images, labels, 10, clear, seed=0).rounds == 1
 
 
 def test_model_weights_are_left_untouched(mnist: MnistSplit) -> None:

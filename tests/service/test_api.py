@@ -98,6 +98,7 @@ def test_create_scan_upload_too_large_by_content_length(make_client: Callable[..
         ({"detectors": "neural_cleanse,strip"}, "detectors"),
         ({"seed": "-1"}, "seed"),
         ({"nc_restarts": "0"}, "nc_restarts"),
+        ({"nc_confirm_rounds": "-1"}, "nc_confirm_rounds"),
         ({"trust_code": "maybe"}, "trust_code"),
     ],
 )
