@@ -111,7 +111,11 @@ class NeuralCleanseConfig:
         max_samples: at most this many clean samples are used (a seeded random subset).
         chunk_size: classes optimised together; ``None`` sizes chunks by ``max_images_per_forward``;
             1 is the sequential original.
-        max_images_per_forward: memory budget: stamped images in one forward pass.
+        max_images_per_forward: memory budget: stamped images of one chunk's step (sets the classes per chunk).
+        images_per_pass: a chunk's step runs its classes through the model this many stamped images at a time,
+            adding up the gradients before the one optimizer step (the same update); ``None`` picks by device:
+            128 on the CPU, where a pass that fits the cache costs ~1.4x less per image than one 320-image pass
+            of 10 classes, and the whole chunk at once on an accelerator.
         channels_last: run the optimisation on a channels-last copy of a convolutional model (faster kernels).
         restarts: optimise every class this many times from different starts; keep the smallest valid mask.
         confirm_rounds: up to this many more rounds of every class, from new starts, run only while the decision
@@ -141,6 +145,7 @@ class NeuralCleanseConfig:
     max_samples: int = 1000
     chunk_size: int | None = None
     max_images_per_forward: int = 4096
+    images_per_pass: int | None = None
     channels_last: bool = True
     restarts: int = 1
     confirm_rounds: int = 1
@@ -177,6 +182,7 @@ class NeuralCleanseConfig:
             "max_samples": self.max_samples >= 1,
             "chunk_size": self.chunk_size is None or self.chunk_size >= 1,
             "max_images_per_forward": self.max_images_per_forward >= 1,
+            "images_per_pass": self.images_per_pass is None or self.images_per_pass >= 1,
             "restarts": self.restarts >= 1,
             "confirm_rounds": self.confirm_rounds >= 0,
             "confirm_margin": 0.0 <= self.confirm_margin < 1.0,

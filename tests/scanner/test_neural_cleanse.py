@@ -185,10 +185,11 @@ def test_schedule_stops_at_max_steps() -> None:
 
 def test_invalid_config_is_refused() -> None:
     with pytest.raises(InvalidOptionError) as info:
-        NeuralCleanseConfig(attack_success_threshold=1.5, chunk_size=0)
+        NeuralCleanseConfig(attack_success_threshold=1.5, chunk_size=0, images_per_pass=0)
     assert info.value.code == "invalid_option"
     assert "attack_success_threshold" in info.value.detail
     assert "chunk_size" in info.value.detail
+    assert "images_per_pass" in info.value.detail
 
 
 def test_chunks_follow_the_memory_budget() -> None:
@@ -285,3 +286,21 @@ def test_channels_last_copy_changes_speed_not_results(badnets: BadNetsModel, mni
         assert one.mask_l1 == pytest.approx(other.mask_l1, rel=1e-3)
     conv = next(p for p in badnets.model.parameters() if p.dim() == 4)
     assert conv.is_contiguous()  # the caller's model keeps its memory format
+
+
+def test_passes_over_groups_of_classes_change_speed_not_results(badnets: BadNetsModel, mnist: MnistSplit) -> None:
+    """One class per pass, three per pass or all at once: the gradients add up to the same optimizer step."""
+    images, _ = clean_samples(mnist)
+    config = NeuralCleanseConfig(max_steps=25)
+    classes = [0, 3, 5, 8]
+    runs = [
+        reverse_engineer_triggers(
+            badnets.model, images, 10, replace(config, images_per_pass=per_pass), seed=4, classes=classes
+        )
+        for per_pass in (config.batch_size, 3 * config.batch_size, 4096)
+    ]
+    for one_by_one, three, together in zip(*runs, strict=True):
+        assert one_by_one.steps == three.steps == together.steps
+        assert one_by_one.mask_l1 == pytest.approx(together.mask_l1, rel=1e-3)
+        assert three.mask_l1 == pytest.approx(together.mask_l1, rel=1e-3)
+        assert torch.allclose(one_by_one.mask, together.mask, atol=1e-3)
