@@ -7,16 +7,21 @@ stratified), trains each ``mnist_cnn`` on this machine, then for every model run
 - ``sequential``: the original algorithm, one class at a time (``chunk_size=1``) with the authors' schedule,
   run by the same code, judged by the same decision rule;
 
-in the same process, one after the other, and prints a markdown table with the speed ratio and the verdicts.
-Clean models are scanned with several seeds. ``--decompose`` also times batched+original schedule and
-sequential+new schedule, to show how much of the speed-up is batching and how much the schedule.
+each in a fresh child process, one after the other, and prints a markdown table with the speed ratio, the
+stamped images each pushed through the model (the work, independent of the machine's noise) and the verdicts.
+Then every model is scanned with the default over ``--seeds`` seeds (detection must not depend on the seed).
+``--decompose`` also times batched+original schedule and sequential+new schedule, to show how much of the
+speed-up is batching and how much the schedule.
 
-    .venv/bin/python bench/neural_cleanse.py [--threads 2] [--samples 300] [--decompose] [--quick] [--only A,B]
+    .venv/bin/python bench/neural_cleanse.py [--threads 2] [--samples 300] [--seeds 3] [--decompose] [--quick]
+        [--only "A;B"] [--device cpu|cuda] [--set FIELD=JSON ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import multiprocessing
 import statistics
 from concurrent.futures import ProcessPoolExecutor
@@ -104,33 +109,57 @@ def _run_in_child(
     config: NeuralCleanseConfig,
     seed: int,
     threads: int,
+    device_name: str,
 ) -> tuple[NeuralCleanseResult, float]:
     torch.set_num_threads(threads)
+    device = torch.device(device_name)
     model = build_architecture("mnist_cnn", 10)
     model.load_state_dict(state)
-    model.eval()
+    model.eval().to(device)
+    images, labels = images.to(device), labels.to(device)
     # warm up what every run pays once per process (the first optimizer imports torch._dynamo, ~200 MiB)
     probe = images[:1].clone().requires_grad_(True)
     torch.optim.Adam([probe]).zero_grad()
     torch.autograd.backward(model(probe).sum())
-    before = _peak_rss_mb()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device) / 2**20
+    else:
+        before = _peak_rss_mb()
     result = neural_cleanse(model, images, labels, 10, config, seed=seed)
+    if device.type == "cuda":
+        return result, torch.cuda.max_memory_allocated(device) / 2**20 - before
     return result, _peak_rss_mb() - before
 
 
 def run(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: NeuralCleanseConfig, seed: int
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    config: NeuralCleanseConfig,
+    seed: int,
+    device: str = "cpu",
 ) -> tuple[NeuralCleanseResult, float]:
-    """One Neural Cleanse run in a fresh process, so its peak memory (above the loaded model) is its own."""
+    """One Neural Cleanse run in a fresh process, so its peak memory (above the loaded model) is its own: resident
+    memory on the CPU, allocated device memory on CUDA."""
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        future = pool.submit(_run_in_child, model.state_dict(), images, labels, config, seed, torch.get_num_threads())
+        future = pool.submit(
+            _run_in_child, model.state_dict(), images, labels, config, seed, torch.get_num_threads(), device
+        )
         return future.result()
 
 
+def images_processed(result: NeuralCleanseResult, config: NeuralCleanseConfig, samples: int) -> int:
+    """Stamped images pushed through the model (forward and backward): the work of a run, whatever the machine."""
+    batch_size = min(config.batch_size, samples)
+    per_step = config.batches_per_step or math.ceil(samples / batch_size)
+    return result.steps_total * per_step * batch_size
+
+
 def small_side_max(result: NeuralCleanseResult) -> float:
-    l1 = sorted(t.mask_l1 for t in result.triggers)
-    median = (l1[4] + l1[5]) / 2
+    median = statistics.median(t.mask_l1 for t in result.triggers)
     return max(i for i, t in zip(result.anomaly_indices, result.triggers, strict=True) if t.mask_l1 < median)
 
 
@@ -142,97 +171,131 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--samples", type=int, default=300, help="clean samples given to Neural Cleanse")
-    parser.add_argument("--seeds", type=int, default=3, help="Neural Cleanse seeds per clean model")
+    parser.add_argument("--seeds", type=int, default=3, help="Neural Cleanse seeds per model (detection table)")
     parser.add_argument("--decompose", action="store_true", help="also time batched+original, sequential+new")
     parser.add_argument("--quick", action="store_true", help="first backdoored and first clean model only")
-    parser.add_argument("--detection-only", action="store_true", help="batched only: no timing comparison")
-    parser.add_argument("--only", help="comma-separated zoo model names to run (default: all)")
+    parser.add_argument("--detection-only", action="store_true", help="no speed table: the default over seeds only")
+    parser.add_argument("--only", help="semicolon-separated zoo model names to run (default: all)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (models are trained on the CPU)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=JSON",
+        help="change a NeuralCleanseConfig field of the batched default, e.g. --set batch_size=16 (repeatable)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     split = load_mnist_split(test_fraction=0.2, seed=0)
     images, labels = split.test_images[: args.samples], split.test_labels[: args.samples]
-    fast = NeuralCleanseConfig()
+    changes = {field: json.loads(value) for field, value in (item.split("=", 1) for item in args.set)}
+    fast = NeuralCleanseConfig(**changes)
     original = NeuralCleanseConfig.original_schedule()
     configs = {"batched": fast, "sequential": replace(original, chunk_size=1)}
-    if args.detection_only:
-        del configs["sequential"]
     if args.decompose:
         configs["batched+orig-schedule"] = original
         configs["sequential+new-schedule"] = replace(fast, chunk_size=1)
 
     zoo = [ZOO[0], ZOO[5]] if args.quick else list(ZOO)
     if args.only:
-        zoo = [entry for entry in zoo if entry.name in args.only.split(",")]
+        zoo = [entry for entry in zoo if entry.name in args.only.split(";")]
+    device = torch.device(args.device)
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.samples} clean samples, "
-        f"threshold {fast.anomaly_threshold or 'calibrated'} (fpr {fast.false_positive_rate}), "
-        f"scale {fast.anomaly_scale}\n"
+        f"torch {torch.__version__}, device {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", {args.threads} thread(s)")
+        + f", {args.samples} clean samples, threshold {fast.anomaly_threshold or 'calibrated'} "
+        f"(fpr {fast.false_positive_rate}), scale {fast.anomaly_scale}, confirm rounds {fast.confirm_rounds} "
+        f"(margin {fast.confirm_margin})" + (f", batched default changed: {changes}" if changes else "") + "\n",
+        flush=True,
     )
-    header = ["model", "target", "clean acc", "ASR", "flagged (batched)", "AI target", "flagged (sequential)"]
-    header += [f"s {name}" for name in configs] + ["ratio seq/batched", "peak MiB batched", "peak MiB seq"]
-    rows, ratios, verdict_pairs, clean_rows = [], [], [], []
+    models = {entry.name: trained(entry, split) for entry in zoo}
+
+    speed_rows, ratios, work_ratios, same_verdicts = [], [], [], []
+    first_runs: dict[str, NeuralCleanseResult] = {}
+    if not args.detection_only:
+        for entry in zoo:
+            model, _ = models[entry.name]
+            results = {name: run(model, images, labels, config, 0, args.device) for name, config in configs.items()}
+            batched, peak_b = results["batched"]
+            sequential, peak_s = results["sequential"]
+            first_runs[entry.name] = batched
+            work = {name: images_processed(r, configs[name], len(images)) for name, (r, _) in results.items()}
+            ratios.append(sequential.duration_s / batched.duration_s)
+            work_ratios.append(work["sequential"] / work["batched"])
+            same_verdicts.append(batched.flagged_classes == sequential.flagged_classes)
+            row = [
+                entry.name,
+                str(entry.target if entry.target is not None else "-"),
+                fmt_flags(batched.flagged_classes),
+                fmt_flags(sequential.flagged_classes),
+                f"{batched.rounds}/{sequential.rounds}",
+            ]
+            row += [f"{r.duration_s:.1f}" for r, _ in results.values()]
+            row += [f"{work['batched'] / 1000:.0f}k", f"{work['sequential'] / 1000:.0f}k"]
+            row += [f"{ratios[-1]:.1f}x", f"{work_ratios[-1]:.1f}x", f"{peak_b:.0f}", f"{peak_s:.0f}"]
+            speed_rows.append(row)
+            print("| " + " | ".join(row) + " |", flush=True)
+
+    detection_rows = []
     for entry in zoo:
-        model, trigger = trained(entry, split)
+        model, trigger = models[entry.name]
         acc = accuracy(model, split.test_images, split.test_labels, device=CPU)
         asr = (
             attack_success_rate(model, split.test_images, split.test_labels, trigger, entry.target, device=CPU)
             if trigger is not None and entry.target is not None
             else float("nan")
         )
-        results = {name: run(model, images, labels, config, seed=0) for name, config in configs.items()}
-        batched, peak_b = results["batched"]
-        sequential, peak_s = results.get("sequential", results["batched"])
-        ratio = sequential.duration_s / batched.duration_s
-        ratios.append(ratio)
-        verdict_pairs.append(batched.flagged_classes == sequential.flagged_classes)
-        ai_target = f"{batched.anomaly_indices[entry.target]:.2f}" if entry.target is not None else "-"
-        row = [
-            entry.name,
-            str(entry.target if entry.target is not None else "-"),
-            f"{acc:.3f}",
-            f"{asr:.3f}" if entry.target is not None else "-",
-            fmt_flags(batched.flagged_classes),
-            ai_target,
-            fmt_flags(sequential.flagged_classes),
-        ]
-        row += [f"{r.duration_s:.1f}" for r, _ in results.values()]
-        row += [f"{ratio:.1f}x", f"{peak_b:.0f}", f"{peak_s:.0f}"]
-        rows.append(row)
-        print("| " + " | ".join(row) + " |", flush=True)
-        if entry.target is None:
-            for seed in range(args.seeds):
-                result = batched if seed == 0 else run(model, images, labels, fast, seed=seed)[0]
-                clean_rows.append(
-                    [
-                        entry.name,
-                        str(seed),
-                        fmt_flags(result.flagged_classes),
-                        f"{small_side_max(result):.2f}",
-                        f"{result.threshold:.2f}",
-                    ]
-                )
+        for seed in range(args.seeds):
+            result = first_runs.get(entry.name) if seed == 0 else None
+            if result is None:
+                result = run(model, images, labels, fast, seed, args.device)[0]
+            correct = result.flagged_classes == ([entry.target] if entry.target is not None else [])
+            ai_target = f"{result.anomaly_indices[entry.target]:.2f}" if entry.target is not None else "-"
+            row = [
+                entry.name,
+                str(entry.target if entry.target is not None else "-"),
+                f"{acc:.3f}",
+                f"{asr:.3f}" if entry.target is not None else "-",
+                str(seed),
+                fmt_flags(result.flagged_classes),
+                "yes" if correct else "**no**",
+                ai_target,
+                f"{small_side_max(result):.2f}",
+                f"{result.threshold:.2f}",
+                str(result.rounds),
+                f"{result.duration_s:.1f}",
+            ]
+            detection_rows.append((entry, correct, row))
+            print("| " + " | ".join(row) + " |", flush=True)
 
-    print("\n## Neural Cleanse: detection and speed\n")
+    if speed_rows:
+        print("\n## Neural Cleanse: batched (default) vs sequential (the original), side by side\n")
+        header = ["model", "target", "flagged batched", "flagged sequential", "rounds b/s"]
+        header += [f"s {name}" for name in configs]
+        header += ["images batched", "images sequential", "speed ratio", "work ratio", "peak MiB b", "peak MiB s"]
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        for row in speed_rows:
+            print("| " + " | ".join(row) + " |")
+        print(f"\nsame flagged classes batched vs sequential: {sum(same_verdicts)}/{len(same_verdicts)}")
+        print(
+            f"median speed ratio sequential/batched: {statistics.median(ratios):.1f}x "
+            f"(min {min(ratios):.1f}x, max {max(ratios):.1f}x); median work ratio (images through the model): "
+            f"{statistics.median(work_ratios):.1f}x"
+        )
+
+    print(f"\n## Neural Cleanse: detection over {args.seeds} seed(s) (batched, default settings)\n")
+    header = ["model", "target", "clean acc", "ASR", "NC seed", "flagged", "correct", "AI target"]
+    header += ["largest small-side AI", "threshold", "rounds", "s"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
-    for row in rows:
+    for _, _, row in detection_rows:
         print("| " + " | ".join(row) + " |")
-    backdoored = [e for e in zoo if e.target is not None]
-    hits = sum(r[4] == fmt_flags([e.target]) for r, e in zip(rows, zoo, strict=True) if e.target is not None)
-    print(f"\nbackdoored models flagged with exactly their target (batched): {hits}/{len(backdoored)}")
-    print(f"same flagged classes batched vs sequential: {sum(verdict_pairs)}/{len(verdict_pairs)}")
-    print(
-        f"median speed ratio sequential/batched: {statistics.median(ratios):.1f}x "
-        f"(min {min(ratios):.1f}x, max {max(ratios):.1f}x)"
-    )
-    print("\n## Clean models over seeds (batched)\n")
-    print("| model | NC seed | flagged | largest small-side AI | threshold |")
-    print("|---|---|---|---|---|")
-    for row in clean_rows:
-        print("| " + " | ".join(row) + " |")
-    false_flags = sum(r[2] != "[]" for r in clean_rows)
-    print(f"\nclean scans with any flagged class: {false_flags}/{len(clean_rows)}")
+    backdoored = [correct for entry, correct, _ in detection_rows if entry.target is not None]
+    clean = [correct for entry, correct, _ in detection_rows if entry.target is None]
+    print(f"\nbackdoored scans flagged with exactly their target: {sum(backdoored)}/{len(backdoored)}")
+    print(f"clean scans with any flagged class: {len(clean) - sum(clean)}/{len(clean)}")
 
 
 if __name__ == "__main__":
