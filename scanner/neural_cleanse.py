@@ -456,7 +456,8 @@ def neural_cleanse(
         """Progress of rounds ``first .. first + count`` as a share of the most rounds this run can take."""
         if progress is None:
             return None
-        return lambda fraction, message: progress((first + count * fraction) / most_rounds, message)
+        prefix = f"close call, confirmation round {first + 1}: " if first >= config.restarts else ""
+        return lambda fraction, message: progress((first + count * fraction) / most_rounds, prefix + message)
 
     triggers = reverse_engineer_triggers(
         model, images, num_classes, config, seed=seed, progress=share(0, config.restarts)

@@ -251,8 +251,15 @@ def test_close_call_gets_a_confirmation_round(badnets: BadNetsModel, mnist: Mnis
     largest = max(i for i, t in zip(first.anomaly_indices, first.triggers, strict=True) if t.mask_l1 < median)
 
     close = replace(single, confirm_rounds=1, confirm_margin=0.1, anomaly_threshold=largest)
-    confirmed = neural_cleanse(badnets.model, images, labels, 10, close, seed=0)
+    seen: list[tuple[float, str]] = []
+    confirmed = neural_cleanse(
+        badnets.model, images, labels, 10, close, seed=0, progress=lambda f, m: seen.append((f, m))
+    )
     assert confirmed.rounds == 2
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions)
+    assert fractions[-1] == pytest.approx(1.0)
+    assert any(m.startswith("close call, confirmation round 2") for _, m in seen)
     second = reverse_engineer_triggers(badnets.model, images, 10, single, seed=7919)
     for k, trigger in enumerate(confirmed.triggers):
         runs = [first.triggers[k], second[k]]
