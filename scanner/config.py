@@ -114,7 +114,7 @@ class NeuralCleanseConfig:
         max_images_per_forward: memory budget: stamped images of one chunk's step (sets the classes per chunk).
         images_per_pass: a chunk's step runs its classes through the model this many stamped images at a time,
             adding up the gradients before the one optimizer step (the same update); ``None`` picks by device:
-            128 on the CPU, where a pass that fits the cache costs ~1.4x less per image than one 320-image pass
+            128 on the CPU, where a pass that fits the cache cost 1.4-1.7x less per image than one 320-image pass
             of 10 classes, and the whole chunk at once on an accelerator.
         channels_last: run the optimisation on a channels-last copy of a convolutional model (faster kernels).
         restarts: optimise every class this many times from different starts; keep the smallest valid mask.

@@ -53,8 +53,8 @@ logger = logging.getLogger(__name__)
 
 _MIN_L1 = 1e-3  # a mask of (almost) no pixels: keeps log(L1) finite
 _EPSILON = 1e-7  # keeps tanh-space parameters finite when a mask value starts at exactly 0 or 1
-#: stamped images per pass on the CPU: mnist_cnn measured 96-103 us per image in passes of 96-160 images and
-#: 135-145 us from 192 images on (2 threads, 32 MiB L3), ~110 us in the sequential 32-image passes
+#: stamped images per pass on the CPU (bench/nc_passes.py, mnist_cnn, 2 threads, 32 MiB L3): 96-101 us per image
+#: in passes of 128-192 images, 167 us in one 320-image pass of 10 classes, 138 us in the sequential 32-image pass
 _CPU_IMAGES_PER_PASS = 128
 _RESTART_SEED_STEP = 7919  # restart r runs with seed + r * this: another start and another sample order
 
