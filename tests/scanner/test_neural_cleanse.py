@@ -25,6 +25,7 @@ from scanner.neural_cleanse import (
     neural_cleanse,
     reverse_engineer_triggers,
 )
+from scanner.stats import null_max_index_quantile, small_outliers
 from tests.factories import BadNetsModel
 
 SAMPLES = 200  # clean samples given to the detector: 20 per class
@@ -238,6 +239,24 @@ def test_close_call_band_on_hand_made_numbers() -> None:
     assert _is_close_call(statistic, threshold=2.5, margin=0.2)  # 20% above counts too
     assert not _is_close_call(statistic, threshold=2.0, margin=0.4)  # 3 > 2.8: clearly flagged
     assert not _is_close_call(np.zeros(5), threshold=3.84, margin=0.4)  # nothing below the median
+
+
+def test_confirmation_round_keeps_the_false_positive_rate() -> None:
+    """Outlier-free models (class sizes normal on the log scale, plus run-to-run noise) are flagged about as often
+    with the confirmation rule as the calibrated threshold promises for one run (5%), and only close calls, about
+    a fifth of them, pay for a second round."""
+    threshold = null_max_index_quantile(10, 0.05)
+    rng = np.random.default_rng(11)
+    draws, flagged, confirmed = 4000, 0, 0
+    for _ in range(draws):
+        classes = rng.standard_normal(10)
+        statistic = classes + 0.6 * rng.standard_normal(10)
+        if _is_close_call(statistic, threshold, 0.4):
+            confirmed += 1
+            statistic = np.minimum(statistic, classes + 0.6 * rng.standard_normal(10))  # each class's smaller L1
+        flagged += bool(small_outliers(statistic, threshold).any())
+    assert 0.03 < flagged / draws < 0.07
+    assert 0.1 < confirmed / draws < 0.35
 
 
 def test_close_call_gets_a_confirmation_round(badnets: BadNetsModel, mnist: MnistSplit) -> None:
