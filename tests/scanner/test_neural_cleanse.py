@@ -11,13 +11,14 @@ import pytest
 import torch
 from torch import nn
 
-from scanner.attacks import Trigger
+from scanner.attacks import Trigger, attack_success_rate
 from scanner.config import NeuralCleanseConfig
 from scanner.datasets import MnistSplit
 from scanner.errors import InvalidOptionError
 from scanner.neural_cleanse import (
     ClassTrigger,
     NeuralCleanseResult,
+    _autocast_dtype,
     _from_unit,
     _is_close_call,
     _Schedule,
@@ -186,11 +187,12 @@ def test_schedule_stops_at_max_steps() -> None:
 
 def test_invalid_config_is_refused() -> None:
     with pytest.raises(InvalidOptionError) as info:
-        NeuralCleanseConfig(attack_success_threshold=1.5, chunk_size=0, images_per_pass=0)
+        NeuralCleanseConfig(attack_success_threshold=1.5, chunk_size=0, images_per_pass=0, precision="fp16")
     assert info.value.code == "invalid_option"
     assert "attack_success_threshold" in info.value.detail
     assert "chunk_size" in info.value.detail
     assert "images_per_pass" in info.value.detail
+    assert "precision" in info.value.detail
 
 
 def test_chunks_follow_the_memory_budget() -> None:
@@ -330,3 +332,35 @@ def test_passes_over_groups_of_classes_change_speed_not_results(badnets: BadNets
         assert one_by_one.mask_l1 == pytest.approx(together.mask_l1, rel=1e-3)
         assert three.mask_l1 == pytest.approx(together.mask_l1, rel=1e-3)
         assert torch.allclose(one_by_one.mask, together.mask, atol=1e-3)
+
+
+def test_precision_picks_bfloat16_only_where_it_is_native(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert _autocast_dtype(NeuralCleanseConfig(precision="fp32"), cpu) is None
+    assert _autocast_dtype(NeuralCleanseConfig(precision="bf16"), cpu) == torch.bfloat16
+    assert _autocast_dtype(NeuralCleanseConfig.original_schedule(), cpu) is None  # the authors ran float32
+    monkeypatch.setattr("scanner.neural_cleanse._cpu_has_native_bf16", lambda: True)
+    assert _autocast_dtype(NeuralCleanseConfig(), cpu) == torch.bfloat16
+    assert _autocast_dtype(NeuralCleanseConfig(), cuda) is None
+    monkeypatch.setattr("scanner.neural_cleanse._cpu_has_native_bf16", lambda: False)
+    assert _autocast_dtype(NeuralCleanseConfig(), cpu) is None  # emulated bf16 would be slower
+
+
+def test_bfloat16_passes_find_the_same_trigger(badnets: BadNetsModel, mnist: MnistSplit) -> None:
+    """The model's passes in bfloat16 (masks, patterns, loss and Adam in float32) reverse the same small trigger."""
+    images, labels = clean_samples(mnist)
+    config = NeuralCleanseConfig(max_steps=150, confirm_rounds=0)
+    low, full = (
+        reverse_engineer_triggers(
+            badnets.model, images, 10, replace(config, precision=precision), seed=0, classes=[badnets.target, 1, 4]
+        )
+        for precision in ("bf16", "fp32")
+    )
+    for one, other in zip(low, full, strict=True):
+        assert one.reached_threshold
+        assert other.reached_threshold
+        assert one.mask_l1 == pytest.approx(other.mask_l1, rel=0.25)
+    assert low[0].mask_l1 < 15
+    assert all(t.mask_l1 > 2 * low[0].mask_l1 for t in low[1:])
+    stamp = Trigger(mask=low[0].mask, pattern=low[0].pattern)
+    assert attack_success_rate(badnets.model, images, labels, stamp, badnets.target, device=torch.device("cpu")) > 0.95

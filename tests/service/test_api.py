@@ -99,6 +99,7 @@ def test_create_scan_upload_too_large_by_content_length(make_client: Callable[..
         ({"seed": "-1"}, "seed"),
         ({"nc_restarts": "0"}, "nc_restarts"),
         ({"nc_confirm_rounds": "-1"}, "nc_confirm_rounds"),
+        ({"nc_precision": "fp16"}, "nc_precision"),
         ({"trust_code": "maybe"}, "trust_code"),
     ],
 )
