@@ -7,7 +7,10 @@ optimisation loop (10 classes of a clean ``mnist_cnn`` from the zoo, a fixed 60 
 
 - ``sequential``: one class per chunk (``chunk_size=1``), 32 images per pass: the original's shape;
 - ``batched, P images per pass``: all 10 classes in one chunk, their 320 stamped images sent through the model
-  P at a time (``images_per_pass``; the gradients add up to the same step).
+  P at a time (``images_per_pass``; the gradients add up to the same step);
+- both again with the default precision (``"auto"``: bfloat16 passes on a CPU with native bf16).
+
+All rows but the last two run in float32.
 
 Median of ``--repeats`` interleaved runs, then a torch.profiler table of the default (batched) loop.
 
@@ -46,10 +49,14 @@ def main() -> None:
     split = load_mnist_split(test_fraction=0.2, seed=0)
     images = split.test_images[: args.samples].to(device)
     model = trained(next(e for e in ZOO if e.target is None), split)[0].to(device)
-    fixed = NeuralCleanseConfig(max_steps=STEPS, early_stop_patience=10 * STEPS)  # every class runs STEPS steps
+    # every class runs STEPS steps, in float32 unless the row says otherwise
+    fixed = NeuralCleanseConfig(max_steps=STEPS, early_stop_patience=10 * STEPS, precision="fp32")
     variants = {"sequential (1 class, 32 images per pass)": replace(fixed, chunk_size=1)}
     for per_pass in (32, 64, 128, 160, 192, 320):
         variants[f"batched, {per_pass} images per pass"] = replace(fixed, images_per_pass=per_pass)
+    default = replace(fixed, precision=NeuralCleanseConfig().precision)
+    variants["batched, default passes and precision"] = default
+    variants["sequential, default precision"] = replace(default, chunk_size=1)
 
     def timed(config: NeuralCleanseConfig) -> float:
         if device.type == "cuda":
@@ -79,8 +86,8 @@ def main() -> None:
         print(f"| {name} | {median:.2f} | {1e6 * median / stamped:.0f} | {sequential / median:.2f}x |")
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        reverse_engineer_triggers(model, images, CLASSES, replace(fixed, max_steps=STEPS // 2), seed=0)
-    print("\nProfile of the default (batched) loop, 30 steps, top operators by self CPU time:\n")
+        reverse_engineer_triggers(model, images, CLASSES, replace(default, max_steps=STEPS // 2), seed=0)
+    print(f"\nProfile of the default (batched, precision {default.precision}) loop, 30 steps, top operators:\n")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=40))
 
 
