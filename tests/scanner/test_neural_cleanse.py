@@ -289,7 +289,16 @@ def test_close_call_gets_a_confirmation_round(badnets: BadNetsModel, mnist: Mnis
         assert trigger.steps == runs[0].steps + runs[1].steps
 
     clear = replace(close, anomaly_threshold=3 * largest)
-    assert neural_cleanse(badnets.model, images, labels, 10, clear, seed=0).rounds == 1
+    seen.clear()
+    assert (
+        neural_cleanse(
+            badnets.model, images, labels, 10, clear, seed=0, progress=lambda f, m: seen.append((f, m))
+        ).rounds
+        == 1
+    )
+    # a confirmation round that may come keeps only a fifth of the bar: one round ends at 0.8, not half-way
+    assert seen[-2][0] == pytest.approx(0.8)
+    assert seen[-1] == (1.0, "outlier test")
 
 
 def test_model_weights_are_left_untouched(mnist: MnistSplit) -> None:
