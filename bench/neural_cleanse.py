@@ -35,6 +35,7 @@ from scanner.architectures import build_architecture
 from scanner.attacks import Trigger, attack_success_rate, blend_trigger, patch_trigger, poison_dataset
 from scanner.config import NeuralCleanseConfig
 from scanner.datasets import MnistSplit, load_mnist_split
+from scanner.errors import InvalidOptionError
 from scanner.neural_cleanse import NeuralCleanseResult, neural_cleanse
 from scanner.training import accuracy, train_mnist_cnn
 
@@ -163,6 +164,28 @@ def small_side_max(result: NeuralCleanseResult) -> float:
     return max(i for i, t in zip(result.anomaly_indices, result.triggers, strict=True) if t.mask_l1 < median)
 
 
+def md_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    print(md_row(header))
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print(md_row(row))
+
+
+def config_change(item: str) -> tuple[str, object]:
+    """``FIELD=JSON`` from ``--set``, as (field, value); a clear usage error otherwise."""
+    field, sep, value = item.partition("=")
+    if not sep or field not in NeuralCleanseConfig.__dataclass_fields__:
+        raise argparse.ArgumentTypeError(f"expected FIELD=JSON with a NeuralCleanseConfig field, got {item!r}")
+    try:
+        return field, json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"{field}: {value!r} is not JSON ({exc.msg})") from None
+
+
 def fmt_flags(flags: list[int]) -> str:
     return "[" + ",".join(map(str, flags)) + "]"
 
@@ -183,6 +206,7 @@ def main() -> None:
         "--set",
         action="append",
         default=[],
+        type=config_change,
         metavar="FIELD=JSON",
         help="change a NeuralCleanseConfig field of the batched default, e.g. --set batch_size=16 (repeatable)",
     )
@@ -191,8 +215,11 @@ def main() -> None:
 
     split = load_mnist_split(test_fraction=0.2, seed=0)
     images, labels = split.test_images[: args.samples], split.test_labels[: args.samples]
-    changes = {field: json.loads(value) for field, value in (item.split("=", 1) for item in args.set)}
-    fast = NeuralCleanseConfig(**changes)
+    changes = dict(args.set)
+    try:
+        fast = NeuralCleanseConfig(**changes)
+    except InvalidOptionError as exc:
+        parser.error(f"--set: {exc.detail}")
     original = NeuralCleanseConfig.original_schedule()
     configs = {"batched": fast, "sequential": replace(original, chunk_size=1)}
     if args.decompose:
@@ -238,7 +265,7 @@ def main() -> None:
             row += [f"{work['batched'] / 1000:.0f}k", f"{work['sequential'] / 1000:.0f}k"]
             row += [f"{ratios[-1]:.1f}x", f"{work_ratios[-1]:.1f}x", f"{peak_b:.0f}", f"{peak_s:.0f}"]
             speed_rows.append(row)
-            print("| " + " | ".join(row) + " |", flush=True)
+            print(md_row(row), flush=True)
 
     detection_rows = []
     for entry in zoo:
@@ -270,17 +297,14 @@ def main() -> None:
                 f"{result.duration_s:.1f}",
             ]
             detection_rows.append((entry, correct, row))
-            print("| " + " | ".join(row) + " |", flush=True)
+            print(md_row(row), flush=True)
 
     if speed_rows:
         print("\n## Neural Cleanse: batched (default) vs sequential (the original), side by side\n")
         header = ["model", "target", "flagged batched", "flagged sequential", "rounds b/s"]
         header += [f"s {name}" for name in configs]
         header += ["images batched", "images sequential", "speed ratio", "work ratio", "peak MiB b", "peak MiB s"]
-        print("| " + " | ".join(header) + " |")
-        print("|" + "---|" * len(header))
-        for row in speed_rows:
-            print("| " + " | ".join(row) + " |")
+        print_table(header, speed_rows)
         print(f"\nsame flagged classes batched vs sequential: {sum(same_verdicts)}/{len(same_verdicts)}")
         print(
             f"median speed ratio sequential/batched: {statistics.median(ratios):.1f}x "
@@ -291,10 +315,7 @@ def main() -> None:
     print(f"\n## Neural Cleanse: detection over {args.seeds} seed(s) (batched, default settings)\n")
     header = ["model", "target", "clean acc", "ASR", "NC seed", "flagged", "correct", "AI target"]
     header += ["largest small-side AI", "threshold", "rounds", "s"]
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for _, _, row in detection_rows:
-        print("| " + " | ".join(row) + " |")
+    print_table(header, [row for _, _, row in detection_rows])
     backdoored = [correct for entry, correct, _ in detection_rows if entry.target is not None]
     clean = [correct for entry, correct, _ in detection_rows if entry.target is None]
     print(f"\nbackdoored scans flagged with exactly their target: {sum(backdoored)}/{len(backdoored)}")

@@ -74,7 +74,7 @@ class NeuralCleanseConfig:
     """Hyper-parameters of Neural Cleanse.
 
     The optimisation (Adam settings, loss, cost schedule, best-mask rule) is the paper's and the authors'
-    code's. Four things differ by default, all measured in ``bench/neural_cleanse.py``:
+    code's. Five things differ by default, all measured in ``bench/neural_cleanse.py``:
 
     - the schedule steps every mini-batch and decides on the success rate of the last ``success_window``
       mini-batches, and a class stops once its best mask shrank by less than ``early_stop_min_delta`` over
@@ -90,7 +90,9 @@ class NeuralCleanseConfig:
     - a close call gets a second opinion (``confirm_rounds``): one run's L1 norms vary with the start (the target
       of a weak 4x4 BadNets model measured 14 to 22 pixels over seeds), so when the largest small-side index
       lands near the threshold every class is reversed again and the smallest valid masks decide.
-      ``confirm_rounds=0`` is the single run of the paper.
+      ``confirm_rounds=0`` is the single run of the paper;
+    - on a CPU with native bfloat16 the model's passes run in bf16 (``precision="auto"``); ``"fp32"`` is the
+      original's arithmetic.
 
     Attributes:
         attack_success_threshold: fraction of stamped samples that must land in the target class.
