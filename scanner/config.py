@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from scanner.errors import InvalidOptionError
@@ -12,6 +13,12 @@ __all__ = ["DataLimits", "ModelOptions", "NeuralCleanseConfig", "ScanConfig", "S
 MAX_CLASSES = 100_000
 MAX_SIDE = 4096
 MAX_CHANNELS = 16
+#: Bounds of the normalisation options, in [0, 1] pixel units. Real models use a mean in [0, 1] and a std in
+#: (0, 1]; the bounds leave room for inputs scaled otherwise (a model fed 0..255 is ``mean=0, std=1/255``) but
+#: refuse what float32 cannot normalise with: NaN, infinities, denormals and values whose quotient overflows.
+MAX_ABS_MEAN = 1e3
+MIN_STD = 1e-6
+MAX_STD = 1e3
 
 
 @dataclass(frozen=True)
@@ -61,8 +68,10 @@ class ModelOptions:
         if self.mean is not None and self.std is not None:
             if len(self.mean) != len(self.std):
                 raise InvalidOptionError(f"mean has {len(self.mean)} values but std has {len(self.std)}")
-            if any(s <= 0 for s in self.std):
-                raise InvalidOptionError(f"std values must be > 0, got {self.std}")
+            if not all(math.isfinite(m) and abs(m) <= MAX_ABS_MEAN for m in self.mean):
+                raise InvalidOptionError(f"mean values must be finite and within +-{MAX_ABS_MEAN:g}, got {self.mean}")
+            if not all(math.isfinite(s) and MIN_STD <= s <= MAX_STD for s in self.std):
+                raise InvalidOptionError(f"std values must be finite and in [{MIN_STD:g}, {MAX_STD:g}], got {self.std}")
             if self.input_shape is not None and len(self.mean) not in (1, self.input_shape[0]):
                 raise InvalidOptionError(
                     f"mean/std have {len(self.mean)} values but input_shape has {self.input_shape[0]} channels"

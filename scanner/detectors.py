@@ -18,10 +18,11 @@ import torch
 from torch import nn
 
 from scanner.attacks import Trigger
-from scanner.config import ScanConfig
+from scanner.config import NeuralCleanseConfig, ScanConfig
 from scanner.data import Samples
+from scanner.errors import NotConvergedError
 from scanner.evidence import evidence_pngs, trigger_evidence
-from scanner.neural_cleanse import ClassTrigger, mask_png, neural_cleanse, png_base64
+from scanner.neural_cleanse import ClassTrigger, NeuralCleanseResult, mask_png, neural_cleanse, png_base64
 from scanner.spectral import needs_training_data, spectral_detector
 from scanner.verdict import DetectorResult, DetectorStatus
 
@@ -101,6 +102,7 @@ def _run_neural_cleanse(inputs: ScanInputs) -> DetectorResult:
         seed=inputs.config.seed,
         progress=progress,
     )
+    _require_convergence(result, inputs.config.neural_cleanse)
     classes = []
     artifacts: dict[str, bytes] = {}
     for trigger, index, index_l1, flagged, rate in zip(
@@ -160,6 +162,39 @@ def _run_neural_cleanse(inputs: ScanInputs) -> DetectorResult:
         duration_s=time.perf_counter() - started,
         artifacts=artifacts,
     )
+
+
+def _require_convergence(result: NeuralCleanseResult, config: NeuralCleanseConfig) -> None:
+    """A Neural Cleanse run votes only when every class converged: a class stopped at the step limit reports an
+    upper bound of its trigger size, which can hide a target (a backdoor reported clean) or make an ordinary class
+    look small (a clean model reported backdoored).
+
+    Raises:
+        NotConvergedError: naming the classes, why each did not converge, and what to change.
+    """
+    unconverged = set(result.unconverged_classes)
+    if not unconverged:
+        return
+    never = [t.target for t in result.triggers if t.target in unconverged and not t.reached_threshold]
+    cut = [t.target for t in result.triggers if t.target in unconverged and t.reached_threshold]
+    reasons = []
+    if never:
+        reasons.append(
+            f"{_class_list(never)} never met the {config.attack_success_threshold:.0%} attack-success threshold"
+        )
+    if cut:
+        reasons.append(f"{_class_list(cut)} stopped at the step limit before their mask stopped shrinking")
+    raise NotConvergedError(
+        f"Neural Cleanse did not converge for {len(unconverged)} of {len(result.triggers)} classes within "
+        f"max_steps={config.max_steps} ({'; '.join(reasons)}), so its outlier test cannot decide either way; "
+        "run it with more steps (nc_max_steps, default 1000)"
+    )
+
+
+def _class_list(classes: list[int]) -> str:
+    shown = ", ".join(map(str, classes[:10]))
+    more = f" and {len(classes) - 10} more" if len(classes) > 10 else ""
+    return f"class{'es' if len(classes) > 1 else ''} {shown}{more}"
 
 
 DETECTORS: tuple[Detector, ...] = (

@@ -21,9 +21,11 @@ __all__ = [
     "GradCamUnavailableError",
     "InvalidDataError",
     "InvalidOptionError",
+    "NotConvergedError",
     "ScanCancelled",
     "ScannerError",
     "StateDictMismatchError",
+    "TooFewClassesError",
     "TrustRequiredError",
     "UnknownArchitectureError",
     "UnsafeFileError",
@@ -139,3 +141,16 @@ class GradCamUnavailableError(ScannerError):
     """The model has no 2-D convolution whose activations Grad-CAM could read (a skip reason in the evidence)."""
 
     code = "no_conv_layer"
+
+
+class NotConvergedError(ScannerError):
+    """A detector's optimisation did not converge for some classes, so its statistic cannot decide either way
+    (a detector error: the verdict is ``inconclusive`` unless another detector found something)."""
+
+    code = "not_converged"
+
+
+class TooFewClassesError(ScannerError):
+    """The model has too few classes for the detector's outlier test (a median/MAD of two values never flags)."""
+
+    code = "too_few_classes"

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from scanner.attacks import Trigger, attack_success_rate
 from scanner.config import NeuralCleanseConfig
+from scanner.errors import TooFewClassesError
 from scanner.stats import anomaly_index, null_max_index_quantile, small_outliers
 
 __all__ = [
@@ -75,6 +76,9 @@ class ClassTrigger:
         mask_l1: ``mask.sum()``; the statistic the outlier test uses.
         reached_threshold: whether any step met the attack-success threshold.
         steps: schedule steps run for this class.
+        converged: whether the class met the threshold and stopped by its early stop (its cost schedule went both
+            up and down, then the best mask stopped shrinking), not at ``max_steps``: only then is ``mask_l1`` a
+            near-minimal trigger size that the outlier test may use.
     """
 
     target: int
@@ -83,6 +87,7 @@ class ClassTrigger:
     mask_l1: float
     reached_threshold: bool
     steps: int
+    converged: bool = False
 
 
 @dataclass
@@ -100,6 +105,7 @@ class _Schedule:
     went_up: bool = False
     went_down: bool = False
     steps: int = 0
+    converged: bool = False
 
     def update(self, success: float, l1: float) -> tuple[bool, bool]:
         """Record one step; returns (this step's mask is the new best, the class should stop)."""
@@ -116,6 +122,7 @@ class _Schedule:
             else:
                 self.early_stop_counter += 1
         stop = self.went_up and self.went_down and self.early_stop_counter >= cfg.early_stop_patience
+        self.converged = stop and self.best_l1 < math.inf
 
         if self.cost == 0.0 and success >= cfg.attack_success_threshold:
             self.set_counter += 1
@@ -269,6 +276,7 @@ def _optimise_chunk(
                 mask_l1=float(mask.sum()),
                 reached_threshold=schedule.best_l1 < math.inf,
                 steps=schedule.steps,
+                converged=schedule.converged,
             )
         )
     return triggers
@@ -303,10 +311,11 @@ def _cpu_has_native_bf16() -> bool:
 
 
 def _smallest(runs: list[ClassTrigger]) -> ClassTrigger:
-    """Of one class's restarts, the smallest mask that met the threshold (or the smallest at all); steps add up."""
+    """Of one class's restarts, the smallest mask that met the threshold (or the smallest at all); steps add up, and
+    the class converged when any run did (the smallest valid mask is then no larger than a converged run's)."""
     valid = [t for t in runs if t.reached_threshold] or runs
     best = min(valid, key=lambda t: t.mask_l1)
-    return replace(best, steps=sum(t.steps for t in runs))
+    return replace(best, steps=sum(t.steps for t in runs), converged=any(t.converged for t in runs))
 
 
 def reverse_engineer_triggers(
@@ -373,6 +382,13 @@ def _channels_last_copy(model: nn.Module) -> nn.Module:
         return model
 
 
+def _subset_rows(count: int, limit: int, seed: int) -> Tensor | None:
+    """Rows of a seeded random subset of ``limit`` out of ``count`` (``None``: keep all ``count`` rows)."""
+    if count <= limit:
+        return None
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:limit]
+
+
 def _reverse_all(
     model: nn.Module,
     images: Tensor,
@@ -382,9 +398,8 @@ def _reverse_all(
     seed: int,
     progress: StepProgress | None,
 ) -> list[ClassTrigger]:
-    generator = torch.Generator().manual_seed(seed)
-    if images.shape[0] > config.max_samples:
-        keep = torch.randperm(images.shape[0], generator=generator)[: config.max_samples]
+    keep = _subset_rows(images.shape[0], config.max_samples, seed)
+    if keep is not None:
         images = images[keep.to(images.device)]
     chunk = config.classes_per_chunk()
     rounds = [(restart, start) for restart in range(config.restarts) for start in range(0, len(targets), chunk)]
@@ -430,6 +445,13 @@ class NeuralCleanseResult:
     def flagged_classes(self) -> list[int]:
         return [t.target for t, flag in zip(self.triggers, self.flagged, strict=True) if flag]
 
+    @property
+    def unconverged_classes(self) -> list[int]:
+        """Classes whose trigger search did not converge (see :attr:`ClassTrigger.converged`). The outlier test
+        needs every class's near-minimal trigger size: while any class is listed here, the flags decide nothing
+        (a class stopped early is an upper bound that can hide a target or make a clean class look small)."""
+        return [t.target for t in self.triggers if not t.converged]
+
 
 def _attack_success_rates(
     model: nn.Module, images: Tensor, labels: Tensor, triggers: Sequence[ClassTrigger]
@@ -472,9 +494,23 @@ def neural_cleanse(
         progress: ``progress(fraction, message)``.
 
     Returns:
-        The triggers, anomaly indices, flags and the attack success rate of each reversed trigger.
+        The triggers, anomaly indices, flags and the attack success rate of each reversed trigger. The flags decide
+        something only when every class converged (:attr:`NeuralCleanseResult.unconverged_classes` is empty).
+
+    Raises:
+        TooFewClassesError: ``num_classes < 3``: the median and MAD of two trigger sizes never flag either class.
     """
+    if num_classes < 3:
+        raise TooFewClassesError(
+            f"Neural Cleanse needs at least 3 classes for its outlier test; the model has {num_classes} (the median "
+            "and MAD of two trigger sizes put both at the same distance, so it could never flag a class)"
+        )
     started = time.perf_counter()
+    # one seeded subset of at most max_samples serves the trigger search and the attack success rates, so the
+    # memory and time of the whole detector are bounded whatever the number of uploaded samples
+    keep = _subset_rows(images.shape[0], config.max_samples, seed)
+    if keep is not None:
+        images, labels = images[keep.to(images.device)], labels[keep.to(labels.device)]
     most_rounds = config.restarts + config.confirm_rounds
 
     # the progress bar gives each confirmation round a quarter of a round's width: most scans never run one

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from scanner.config import MAX_ABS_MEAN, MAX_STD, MIN_STD, NeuralCleanseConfig, ScanConfig, SpectralConfig
 from scanner.config import ModelOptions as ScannerModelOptions
-from scanner.config import NeuralCleanseConfig, ScanConfig, SpectralConfig
 from scanner.verdict import BACKDOOR_DETECTORS
 from service.jobs import JobStatus, Scan
 
@@ -37,6 +37,16 @@ def _numbers(value: object, kind: type[int] | type[float], name: str) -> object:
     return value
 
 
+#: The smallest ``nc_max_steps``: a class's cost schedule needs 5 steps to switch its L1 cost on, 5 more to raise
+#: and 5 to lower it, then 50 without a 2% smaller mask to stop (65 at the very least); the classes of the bench and
+#: test models stopped after 140 to 530 steps. A limit below that can only end in ``not_converged``.
+MIN_NC_MAX_STEPS = 100
+
+# normalisation values: finite, no denormals (see scanner.config)
+_Mean = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_ABS_MEAN, le=MAX_ABS_MEAN)]
+_Std = Annotated[float, Field(allow_inf_nan=False, ge=MIN_STD, le=MAX_STD)]
+
+
 class ScanOptions(BaseModel):
     """Options of one scan, sent as multipart form fields beside the files."""
 
@@ -49,10 +59,10 @@ class ScanOptions(BaseModel):
     input_shape: list[int] | None = Field(
         default=None, min_length=3, max_length=3, description="C,H,W of one input image, e.g. 1,28,28"
     )
-    mean: list[float] | None = Field(
+    mean: list[_Mean] | None = Field(
         default=None, min_length=1, max_length=16, description="per-channel mean, e.g. 0.1307"
     )
-    std: list[float] | None = Field(
+    std: list[_Std] | None = Field(
         default=None, min_length=1, max_length=16, description="per-channel std, e.g. 0.3081"
     )
     detectors: list[Literal["neural_cleanse", "spectral_signatures"]] | None = Field(
@@ -67,7 +77,13 @@ class ScanOptions(BaseModel):
     nc_precision: Literal["auto", "fp32", "bf16"] | None = Field(
         default=None, description="Neural Cleanse model passes: auto (bf16 on CPUs with native bf16), fp32 or bf16"
     )
-    nc_max_steps: int | None = Field(default=None, ge=1, le=10_000, description="Neural Cleanse step limit per class")
+    nc_max_steps: int | None = Field(
+        default=None,
+        ge=MIN_NC_MAX_STEPS,
+        le=10_000,
+        description="Neural Cleanse step limit per class (default 1000; fewer steps than a class needs to converge "
+        "make the detector report not_converged)",
+    )
     nc_anomaly_threshold: float | None = Field(
         default=None, gt=0, le=100, description="fixed anomaly-index threshold (default: calibrated)"
     )

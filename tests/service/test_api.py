@@ -101,6 +101,17 @@ def test_create_scan_upload_too_large_by_content_length(make_client: Callable[..
         ({"nc_confirm_rounds": "-1"}, "nc_confirm_rounds"),
         ({"nc_precision": "fp16"}, "nc_precision"),
         ({"trust_code": "maybe"}, "trust_code"),
+        # issue 13: non-finite and denormal normalisation values crashed or misled a detector after a 202
+        ({"mean": "nan", "std": "0.5"}, "mean"),
+        ({"mean": "0.5", "std": "nan"}, "std"),
+        ({"mean": "0.5", "std": "inf"}, "std"),
+        ({"mean": "inf", "std": "0.5"}, "mean"),
+        ({"mean": "0.5", "std": "1e-320"}, "std"),
+        ({"mean": "1e308", "std": "1e-308"}, "mean"),
+        ({"mean": "0.5,0.5", "std": "0.5,-inf"}, "std"),
+        # issue 13: a step limit too short to converge turned a backdoored verdict clean; 100 is the floor
+        ({"nc_max_steps": "1"}, "nc_max_steps"),
+        ({"nc_max_steps": "99"}, "nc_max_steps"),
     ],
 )
 def test_create_scan_bad_options(

@@ -136,6 +136,10 @@ def test_scan_bad_file_exits_2_with_code(
         (["--arch", "mnist_cnn", "--num-classes", "7"], "state_dict_mismatch"),
         (["--arch", "mnist_cnn", "--input-shape", "1,28"], "invalid_option"),
         (["--arch", "mnist_cnn", "--mean", "0.5"], "invalid_option"),  # mean without std
+        (["--arch", "mnist_cnn", "--mean", "nan", "--std", "0.5"], "invalid_option"),
+        (["--arch", "mnist_cnn", "--mean", "0.5", "--std", "inf"], "invalid_option"),
+        (["--arch", "mnist_cnn", "--mean", "0.5", "--std", "1e-320"], "invalid_option"),
+        (["--arch", "mnist_cnn", "--mean", "1e308", "--std", "1e-308"], "invalid_option"),
         (["--arch", "mnist_cnn", "--device", "tpu"], "invalid_option"),
         (["--arch", "mnist_cnn", "--format", "xml"], "invalid_option"),
         (["--arch", "mnist_cnn", "--data", "/no/such/file.npz"], "invalid_option"),

@@ -1,0 +1,96 @@
+"""The detector adapters vote only when their statistic can decide: Neural Cleanse whose classes did not converge,
+or whose model has too few classes for a MAD outlier test, is an error (verdict ``inconclusive``), never ``clean``
+and never ``backdoored``. Real models trained at test time: the BadNets model and a clean one."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+
+from scanner.config import NeuralCleanseConfig, ScanConfig
+from scanner.data import Samples
+from scanner.datasets import MnistSplit
+from scanner.detectors import DETECTORS, ScanInputs
+from scanner.errors import TooFewClassesError
+from scanner.neural_cleanse import neural_cleanse
+from scanner.pipeline import _run_detector
+from scanner.verdict import DetectorResult, DetectorStatus, ModelInfo, ScannerInfo, Verdict, VerdictLabel
+from tests.factories import BadNetsModel
+
+SAMPLES = 200
+_CPU = torch.device("cpu")
+_NEURAL_CLEANSE = next(d for d in DETECTORS if d.name == "neural_cleanse")
+
+
+def _neural_cleanse_result(model: nn.Module, mnist: MnistSplit, config: NeuralCleanseConfig) -> DetectorResult:
+    clean = Samples(images=mnist.test_images[:SAMPLES], labels=mnist.test_labels[:SAMPLES])
+    inputs = ScanInputs(
+        model=model,
+        num_classes=10,
+        input_shape=(1, 28, 28),
+        clean=clean,
+        training=None,
+        config=ScanConfig(neural_cleanse=config, detectors=("neural_cleanse",)),
+        device=_CPU,
+        progress=lambda fraction, stage, message: None,
+    )
+    return _run_detector(_NEURAL_CLEANSE, inputs)
+
+
+def _label(result: DetectorResult) -> VerdictLabel:
+    verdict = Verdict(
+        detectors={
+            "model_file": DetectorResult(status=DetectorStatus.OK),
+            "neural_cleanse": result,
+            "spectral_signatures": DetectorResult.skipped("no training data given"),
+        },
+        scanner=ScannerInfo(version="test", torch=torch.__version__, device="cpu", seed=0),
+        model=ModelInfo(format="pt2", sha256="0" * 64, size_bytes=1),
+    )
+    return verdict.label
+
+
+@pytest.mark.parametrize("max_steps", [1, 2, 30])
+def test_backdoor_with_a_step_limit_is_inconclusive_not_clean(
+    badnets: BadNetsModel, mnist: MnistSplit, max_steps: int
+) -> None:
+    """Issue 13: ``nc_max_steps=1`` turned the BadNets model's verdict from backdoored to clean."""
+    result = _neural_cleanse_result(badnets.model, mnist, NeuralCleanseConfig(max_steps=max_steps))
+    assert result.status is DetectorStatus.ERROR
+    assert result.code == "not_converged"
+    assert f"max_steps={max_steps}" in (result.detail or "")
+    assert not result.flagged_classes
+    assert _label(result) is VerdictLabel.INCONCLUSIVE
+
+
+@pytest.mark.parametrize("max_steps", [2, 30])
+def test_clean_model_with_a_step_limit_is_inconclusive_not_backdoored(
+    clean_model: nn.Module, mnist: MnistSplit, max_steps: int
+) -> None:
+    """Issue 13: ``nc_max_steps=2`` on a clean model came back backdoored."""
+    result = _neural_cleanse_result(clean_model, mnist, NeuralCleanseConfig(max_steps=max_steps))
+    assert result.status is DetectorStatus.ERROR
+    assert result.code == "not_converged"
+    assert _label(result) is VerdictLabel.INCONCLUSIVE
+
+
+def test_default_run_converges_and_votes(badnets: BadNetsModel, mnist: MnistSplit) -> None:
+    """With the default step limit every class converges and the detector votes (the BadNets target is found)."""
+    result = _neural_cleanse_result(badnets.model, mnist, replace(NeuralCleanseConfig(), confirm_rounds=0))
+    assert result.status is DetectorStatus.OK, result.detail
+    assert result.flagged_classes == (badnets.target,)
+    steps = [entry["steps"] for entry in result.details["classes"]]
+    assert max(steps) < NeuralCleanseConfig().max_steps
+    assert _label(result) is VerdictLabel.BACKDOORED
+
+
+def test_two_classes_are_too_few_for_the_outlier_test(mnist: MnistSplit) -> None:
+    """A median and MAD of two trigger sizes never flag: Neural Cleanse refuses to vote on a binary classifier."""
+    binary = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 2)).eval()
+    images, labels = mnist.test_images[:40], (mnist.test_labels[:40] % 2)
+    with pytest.raises(TooFewClassesError) as raised:
+        neural_cleanse(binary, images, labels, 2)
+    assert raised.value.code == "too_few_classes"
