@@ -25,6 +25,7 @@ from sqlalchemy import (
     Dialect,
     Engine,
     Float,
+    Index,
     Integer,
     String,
     Text,
@@ -56,6 +57,10 @@ class JobStatus(StrEnum):
 
 
 FINISHED = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+#: A scan in these states answers a repeated upload (one that failed or was cancelled does not).
+REUSABLE = (JobStatus.queued, JobStatus.running, JobStatus.succeeded)
+#: The rows of the unique index over ``dedup_key`` (migration 0003): at most one reusable scan per upload.
+_ONE_PER_UPLOAD = text("status IN ('queued', 'running', 'succeeded') AND duplicate_of IS NULL")
 
 
 def utcnow() -> datetime:
@@ -87,6 +92,15 @@ class Scan(Base):
     """One scan request and everything known about it."""
 
     __tablename__ = "scans"
+    __table_args__ = (
+        Index(
+            "uq_scans_live_dedup_key",
+            "dedup_key",
+            unique=True,
+            sqlite_where=_ONE_PER_UPLOAD,
+            postgresql_where=_ONE_PER_UPLOAD,
+        ),
+    )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     status: Mapped[str] = mapped_column(String(16), index=True)
@@ -113,6 +127,9 @@ class Scan(Base):
     training_data_size_bytes: Mapped[int | None] = mapped_column(Integer)
     options_json: Mapped[str] = mapped_column(Text)
     dedup_key: Mapped[str] = mapped_column(String(64), index=True)
+    #: Set by migration 0003 on older reusable scans of an upload made twice before the index existed: the scan
+    #: that answers the upload now (the newest). Never set on scans made since.
+    duplicate_of: Mapped[str | None] = mapped_column(String(32))
     idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
     verdict: Mapped[str | None] = mapped_column(String(32))
     result_json: Mapped[str | None] = mapped_column(Text)
@@ -276,8 +293,9 @@ class JobStore:
     # -- API side ------------------------------------------------------------------------------------
 
     def create(self, new: NewScan) -> tuple[Scan, bool]:
-        """Insert a queued scan; returns ``(scan, created)``. A concurrent insert with the same
-        idempotency key loses and gets the winner's scan back."""
+        """Insert a queued scan; returns ``(scan, created)``. An insert that loses to a concurrent one, with the
+        same idempotency key or of the same upload while the other is reusable (a unique index), gets the
+        winner's scan back: the one its idempotency key names, else the reusable scan of the upload."""
         now = utcnow()
         scan = Scan(
             id=new.id,
@@ -309,9 +327,8 @@ class JobStore:
             with self._session() as session:
                 session.add(scan)
         except IntegrityError:
-            if new.idempotency_key is None:
-                raise
-            existing = self.by_idempotency_key(new.idempotency_key)
+            existing = None if new.idempotency_key is None else self.by_idempotency_key(new.idempotency_key)
+            existing = existing or self.reusable(new.dedup_key)
             if existing is None:
                 raise
             return existing, False
@@ -330,11 +347,8 @@ class JobStore:
         with self._session() as session:
             return session.scalars(
                 select(Scan)
-                .where(
-                    Scan.dedup_key == dedup_key,
-                    Scan.status.in_([JobStatus.queued, JobStatus.running, JobStatus.succeeded]),
-                )
-                .order_by(Scan.created_at.desc())
+                .where(Scan.dedup_key == dedup_key, Scan.status.in_(REUSABLE))
+                .order_by(Scan.created_at.desc(), Scan.id.desc())
             ).first()
 
     def list_scans(self, status: JobStatus | None, limit: int, offset: int) -> tuple[Sequence[Scan], int]:

@@ -209,7 +209,10 @@ class ProgressPublic(BaseModel):
 
 
 class FilePublic(BaseModel):
-    filename: str = Field(description="the name the client sent (display only; stored under a server-chosen name)")
+    filename: str = Field(
+        description="the name the client sent, without directories, control or bidi characters (display only;"
+        " stored under a server-chosen name)"
+    )
     sha256: str
     size_bytes: int
 

@@ -23,11 +23,22 @@ from starlette.requests import ClientDisconnect
 from service.jobs import FileInfo
 from service.problems import ServiceError
 
-__all__ = ["ParsedUpload", "ScanFiles", "UploadParser", "parse_upload"]
+__all__ = ["ParsedUpload", "ScanFiles", "UploadParser", "client_filename", "parse_upload"]
 
 _ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+#: Dropped from client file names: C0 and C1 controls, DEL, line and paragraph separators, and the bidi controls
+#: that make a name display as another ("invoice\u202egnp.pt2" shows as "invoice2tp.png").
+_UNSHOWN = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+MAX_FILENAME_CHARS = 255
 MAX_FIELD_BYTES = 64 * 1024
 MAX_PARTS = 64
+
+
+def client_filename(sent: str, fallback: str) -> str:
+    """The name a client sent for a file, fit to store and show: without the characters above, without any
+    directory (``/`` or ``\\``), at most 255 characters; ``fallback`` when nothing is left."""
+    name = re.split(r"[/\\]", _UNSHOWN.sub("", sent))[-1].strip()
+    return name[:MAX_FILENAME_CHARS] if name not in ("", ".", "..") else fallback
 
 
 class ScanFiles:
@@ -161,7 +172,7 @@ class UploadParser:
         if name in self._file_fields:
             filename = params.get(b"filename")
             self._part.named = bool(filename)
-            self._part.filename = Path(filename.decode("utf-8", "replace")).name[:255] if filename else name
+            self._part.filename = client_filename(filename.decode("utf-8", "replace"), name) if filename else name
             self._files.root.mkdir(parents=True, exist_ok=True)
             self._part.handle = self._files.upload(name).open("wb")
             self._part.digest = hashlib.sha256()

@@ -101,6 +101,8 @@ def check_callback_url(url: str) -> str | None:
     """Why ``url`` cannot be a callback (``None`` when it can): http(s) with a host, nothing else."""
     if len(url) > 2048:
         return "callback_url is longer than 2048 characters"
+    if not url.isascii() or not url.isprintable() or " " in url:
+        return "callback_url must be printable ASCII without spaces (percent-encode anything else)"
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         return "callback_url must be an http:// or https:// URL"

@@ -66,6 +66,18 @@ def _idempotency_key(value: str | None) -> str | None:
     return value
 
 
+def _repeated(scan: Scan, dedup_key: str) -> tuple[Scan, bool]:
+    """The existing scan an upload repeats, unless its Idempotency-Key named another upload's scan (422)."""
+    if scan.dedup_key != dedup_key:
+        raise ServiceError(
+            HTTPStatus.UNPROCESSABLE_ENTITY,
+            "idempotency_key_reused",
+            "this Idempotency-Key was used for a different upload",
+            scan_id=scan.id,
+        )
+    return scan, False
+
+
 @router.post(
     "",
     status_code=HTTPStatus.ACCEPTED,
@@ -161,14 +173,7 @@ def _accept(
     if key is not None:
         existing = store.by_idempotency_key(key)
         if existing is not None:
-            if existing.dedup_key != dedup_key:
-                raise ServiceError(
-                    HTTPStatus.UNPROCESSABLE_ENTITY,
-                    "idempotency_key_reused",
-                    "this Idempotency-Key was used for a different upload",
-                    scan_id=existing.id,
-                )
-            return existing, False
+            return _repeated(existing, dedup_key)
     existing = store.reusable(dedup_key)
     if existing is not None:
         return existing, False
@@ -192,12 +197,13 @@ def _accept(
             callback_url=callback_url,
         )
     )
-    if created:
-        try:
-            state.queue.enqueue(scan.id)
-        except Exception:  # the row is the truth: a worker's reaper enqueues queued scans the queue lacks
-            logger.exception("enqueue failed; the reaper will enqueue the scan", extra={"scan_id": scan.id})
-    return scan, created
+    if not created:  # a concurrent request inserted first: its scan (the caller removes this upload's files)
+        return _repeated(scan, dedup_key)
+    try:
+        state.queue.enqueue(scan.id)
+    except Exception:  # the row is the truth: a worker's reaper enqueues queued scans the queue lacks
+        logger.exception("enqueue failed; the reaper will enqueue the scan", extra={"scan_id": scan.id})
+    return scan, True
 
 
 @router.get("", response_model=ScanList, responses=_AUTH)

@@ -26,12 +26,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy.engine import make_url
 
 from service.config import Settings
 from service.jobs import FileInfo, JobStatus, JobStore, NewScan, create_db_engine, migrate, new_scan_id, utcnow
 from service.queue import build_huey
 from tests.service.conftest import Server, WorkerProcess, free_port, submit, wait_for
+from tests.service.test_hostile import (
+    RACERS,
+    SHOWN_NAME,
+    a_scan,
+    check_migration_keeps_existing_duplicates,
+    hostile_upload,
+    racing_creates,
+)
 
 #: Admin connection used to create and drop a database per test (trust auth on loopback in CI).
 POSTGRES_URL = os.environ.get("BDS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -230,7 +239,7 @@ def test_concurrent_starts_migrate_postgresql_once(postgres_url: str, tmp_path: 
             versions = connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all()
     finally:
         engine.dispose()
-    assert versions == ["0002"]
+    assert versions == ["0003"]
 
 
 def test_job_table_on_postgresql(postgres_url: str) -> None:
@@ -270,6 +279,31 @@ def test_job_table_on_postgresql(postgres_url: str) -> None:
         assert store.counts_by_status() == {"failed": 1}
     finally:
         engine.dispose()
+
+
+def test_identical_uploads_racing_on_postgresql_make_one_scan(job_store: JobStore) -> None:
+    """20 inserts of the same upload at once, without and with distinct idempotency keys: one scan each time."""
+    migrate(job_store.engine)
+    for round_, keys in enumerate([[None] * RACERS, [f"key-{i}" for i in range(RACERS)]]):
+        outcomes = racing_creates(job_store, a_scan(str(round_) * 64), keys)
+        assert len({scan_id for scan_id, _ in outcomes}) == 1
+        assert sorted(created for _, created in outcomes) == [False] * (RACERS - 1) + [True]
+    assert job_store.list_scans(None, 50, 0)[1] == 2
+
+
+def test_migration_keeps_duplicates_a_postgresql_database_holds(job_store: JobStore) -> None:
+    check_migration_keeps_existing_duplicates(job_store.engine)
+
+
+def test_nul_in_a_filename_is_no_error_on_postgresql(
+    postgres_url: str, make_client: Callable[..., TestClient], tiny_model: Path
+) -> None:
+    """psycopg refuses NUL in text: the name is cleaned where it is taken from the upload, before the INSERT."""
+    client = make_client(database_url=postgres_url)
+    upload = hostile_upload({"model": ("ev\x00il\u202egnp.pt2", tiny_model.read_bytes())}, arch="mnist_cnn")
+    response = client.post("/v1/scans", **upload)
+    assert response.status_code == 202, response.text
+    assert response.json()["model"]["filename"] == SHOWN_NAME
 
 
 # -- API and workers as separate processes ---------------------------------------------------------------
@@ -316,10 +350,10 @@ def test_kill_9_mid_scan_is_finished_by_the_other_worker(
     for worker in workers:
         worker.wait_consuming()
     with server.client() as client:
-        # a Neural Cleanse scan with fewer steps than the default 1000: long enough to kill, still flags the
-        # BadNets trigger
+        # a Neural Cleanse scan in one round (its classes converge after 150 to 250 steps): long enough to kill,
+        # and it flags the BadNets trigger
         files = {"model": service_files["badnets"], "data": service_files["data"]}
-        scan = submit(client, files, nc_max_steps="100").json()
+        scan = submit(client, files, nc_confirm_rounds="0").json()
         wait_for(client, scan["id"], until=("running",), timeout=60)
         running = job_store.get(scan["id"])
         assert running is not None

@@ -77,6 +77,10 @@ def test_secrets_are_checked() -> None:
         ("https:///no-host", False),
         ("https://user:pass@example.com/", False),
         ("https://example.com/" + "a" * 3000, False),
+        ("https://example.com/a\x00b", False),  # issue 13: NUL is refused by PostgreSQL (a 500 on insert)
+        ("https://example.com/\u202etxt.exe", False),
+        ("https://example.com/a b", False),
+        ("https://example.com/a%00b", True),
     ],
 )
 def test_callback_urls(url: str, ok: bool) -> None:
