@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -52,8 +52,10 @@ from scanner.model_file import (
     FindingKind,
     ModelFileReport,
     PickleFinding,
+    ScanLimits,
     allowed_graph_callable,
     scan_model_file,
+    zip_member_count,
 )
 
 __all__ = ["ExportedClassifier", "LoadedModel", "ModelFormat", "check_model_file", "detect_format", "load_model"]
@@ -88,6 +90,7 @@ _RANDOM_OPS = frozenset(
 )  # fmt: skip
 _STATE_DICT_WRAPPERS = ("state_dict", "model_state_dict", "model")
 _STATE_DICT_PREFIXES = ("module.", "_orig_mod.")
+_Value = TypeVar("_Value")
 _HOW_TO_EXPORT = (
     "export the model with torch.export.save(torch.export.export(model.eval(), (example_input,)), 'model.pt2'),"
     " or save model.state_dict() with safetensors.torch.save_file and pass arch"
@@ -176,9 +179,11 @@ def detect_format(path: Path) -> ModelFormat:
     """Tell the checkpoint format from the file's bytes, in the order ``torch.load`` decides.
 
     zip (``PK\\x03\\x04`` at offset 0; then members: ``archive_format``/``models/*.json`` for
-    pt2, ``constants.pkl`` for TorchScript, ``data.pkl`` for ``torch.save``), tar (anything
-    Python's tarfile opens, as ``torch.load`` tries), safetensors (8-byte length, then ``{``),
-    legacy ``torch.save`` (a pickle of the magic number), bare pickle (``\\x80`` + protocol 2-5).
+    pt2, ``constants.pkl`` for TorchScript, ``data.pkl`` for ``torch.save``; a zip with more members
+    than the scan accepts is ``unknown``, its directory unread), tar (a first member that Python's
+    tarfile reads, as ``torch.load`` tries; blocks of zeros are not one), safetensors (8-byte length,
+    then ``{``), legacy ``torch.save`` (a pickle of the magic number), bare pickle (``\\x80`` +
+    protocol 2-5).
 
     Raises:
         EmptyFileError: the file has no bytes.
@@ -200,17 +205,19 @@ def detect_format(path: Path) -> ModelFormat:
 
 
 def _zip_format(path: Path) -> ModelFormat:
+    limit = ScanLimits().max_members
     try:
-        with zipfile.ZipFile(path) as archive:
-            members = {name.split("/", 1)[-1]: name for name in archive.namelist()}
-            format_member = members.get("archive_format")
-            if (
-                format_member is not None
-                and archive.getinfo(format_member).file_size <= 16
-                and archive.read(format_member).strip() == b"pt2"
-            ):
-                return ModelFormat.pt2
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as exc:
+        with path.open("rb") as stream:
+            if zip_member_count(stream, limit) > limit:
+                return ModelFormat.unknown  # the model_file check refuses it
+            with zipfile.ZipFile(stream) as archive:
+                members = {name.split("/", 1)[-1]: name for name in archive.namelist()}
+                format_member = members.get("archive_format")
+                if format_member is not None and archive.getinfo(format_member).file_size <= 16:
+                    with archive.open(format_member) as content:
+                        if content.read(17).strip() == b"pt2":
+                            return ModelFormat.pt2
+    except Exception as exc:  # BadZipFile, zlib.error, NotImplementedError (compression method), ...
         raise CorruptFileError(f"zip archive is truncated or corrupt: {exc}") from exc
     if any(name.startswith("models/") and name.endswith(".json") for name in members):
         return ModelFormat.pt2
@@ -222,9 +229,10 @@ def _zip_format(path: Path) -> ModelFormat:
 
 
 def _is_tar(path: Path) -> bool:
+    """Does Python's tarfile read a first member? (It opens blocks of zeros as an empty archive.)"""
     try:
-        with tarfile.open(path, mode="r:"):
-            return True
+        with tarfile.open(path, mode="r:") as archive:
+            return archive.next() is not None
     except (tarfile.TarError, OSError, ValueError, EOFError):
         return False
 
@@ -284,7 +292,11 @@ def check_model_file(path: Path, options: ModelOptions) -> ModelFileReport:
     if file_format in _STATE_DICT_FORMATS:
         _arch_name(options)
     if file_format is ModelFormat.safetensors:
-        _check_safetensors_header(path)
+        shapes = _without_prefixes(_check_safetensors_header(path))
+        head = _head_name(str(options.arch))
+        head_shape = shapes.get(f"{head}.weight")
+        if head_shape is not None and len(head_shape) == 2:  # any other problem is the loader's to name
+            _check_num_classes(options.num_classes, head, head_shape[0])
     return report
 
 
@@ -485,8 +497,8 @@ def _arch_name(options: ModelOptions) -> str:
     return str(options.arch)
 
 
-def _check_safetensors_header(path: Path) -> None:
-    """Validate a safetensors header before the library sees the file.
+def _check_safetensors_header(path: Path) -> dict[str, tuple[int, ...]]:
+    """Validate a safetensors header before the library sees the file; returns each tensor's shape by name.
 
     Raises:
         CorruptFileError: header length beyond the file or the 100 MB cap, not a JSON object, or
@@ -522,6 +534,7 @@ def _check_safetensors_header(path: Path) -> None:
     for (_, end, name), (begin, _, next_name) in itertools.pairwise(spans):
         if begin < end:
             raise CorruptFileError(f"safetensors tensors {name!r} and {next_name!r} overlap")
+    return {name: tuple(entry["shape"]) for name, entry in header.items() if name != "__metadata__"}
 
 
 def _safetensors_span(name: str, entry: object, data_size: int) -> tuple[int, int, str]:
@@ -567,15 +580,38 @@ def _unwrap_state_dict(loaded: object) -> dict[str, Tensor]:
             raise UnsupportedFormatError(
                 f"expected a state_dict of tensors, but entry {key!r} is a {type(value).__name__}; {_HOW_TO_EXPORT}"
             )
-    state_dict: dict[str, Tensor] = dict(loaded)
+    return _without_prefixes(dict(loaded))
+
+
+def _without_prefixes(entries: dict[str, _Value]) -> dict[str, _Value]:
+    """``entries`` with the DDP (``module.``) and ``torch.compile`` (``_orig_mod.``) prefixes shared by every key
+    removed, as often as they occur."""
     stripped = True
     while stripped:
         stripped = False
         for prefix in _STATE_DICT_PREFIXES:
-            if all(key.startswith(prefix) for key in state_dict):
-                state_dict = {key.removeprefix(prefix): value for key, value in state_dict.items()}
+            if entries and all(key.startswith(prefix) for key in entries):
+                entries = {key.removeprefix(prefix): value for key, value in entries.items()}
                 stripped = True
-    return state_dict
+    return entries
+
+
+def _head_name(arch: str) -> str:
+    """The name of ``arch``'s classification layer (its last ``nn.Linear``), whose weight has one row per class."""
+    with torch.device("meta"):
+        probe = build_architecture(arch, 2)
+    heads: list[str] = [name for name, layer in probe.named_modules() if isinstance(layer, nn.Linear)]
+    return heads[-1]
+
+
+def _check_num_classes(num_classes: int | None, head: str, rows: int) -> None:
+    """The ``num_classes`` option must agree with the classification layer's rows.
+
+    Raises:
+        InvalidOptionError: it does not.
+    """
+    if num_classes is not None and num_classes != rows:
+        raise InvalidOptionError(f"num_classes is {num_classes} but the state_dict's {head}.weight has {rows} rows")
 
 
 def _build_from_state_dict(arch: str, state_dict: dict[str, Tensor], num_classes: int | None) -> nn.Module:
@@ -583,10 +619,9 @@ def _build_from_state_dict(arch: str, state_dict: dict[str, Tensor], num_classes
 
     Raises:
         StateDictMismatchError: naming missing keys, unexpected keys and shape mismatches.
+        InvalidOptionError: ``num_classes`` disagrees with the classification layer.
     """
-    with torch.device("meta"):
-        probe = build_architecture(arch, 2)
-    head = [name for name, layer in probe.named_modules() if isinstance(layer, nn.Linear)][-1]
+    head = _head_name(arch)
     head_weight = state_dict.get(f"{head}.weight")
     if head_weight is None or head_weight.dim() != 2:
         found = "missing" if head_weight is None else f"of shape {tuple(head_weight.shape)}"
@@ -594,10 +629,7 @@ def _build_from_state_dict(arch: str, state_dict: dict[str, Tensor], num_classes
             f"{arch} needs the classifier weight {head}.weight (num_classes x features), but it is {found}"
         )
     inferred = int(head_weight.shape[0])
-    if num_classes is not None and num_classes != inferred:
-        raise StateDictMismatchError(
-            f"num_classes is {num_classes} but the state_dict's {head}.weight has {inferred} rows (classes)"
-        )
+    _check_num_classes(num_classes, head, inferred)
     if inferred < 2:
         raise StateDictMismatchError(f"the state_dict's {head}.weight has {inferred} rows; a classifier needs >= 2")
     with torch.device("meta"):

@@ -14,7 +14,9 @@ Which bytes are pickles depends on the container, and the walk follows the loade
   finding. All other members are walked *leniently* as a second line of defence: raw tensor
   bytes are not pickles, so only imports with importable names are reported there. Member
   names that escape the archive, native libraries (AOTInductor ``.so`` files, which
-  ``torch.export.load`` would ``dlopen``) and size limits are findings too.
+  ``torch.export.load`` would ``dlopen``) and size limits are findings too. The central directory
+  is measured before ``zipfile`` reads it (:func:`zip_member_count`), so an archive of a million
+  empty members costs milliseconds, not gigabytes.
 - legacy ``torch.save`` files: the pickles back to back (magic number, protocol version,
   sys_info, object, storage keys) up to the raw storage bytes.
 - legacy tar files: the ``pickle``, ``storages`` and ``tensors`` members, stepping over the raw
@@ -22,11 +24,14 @@ Which bytes are pickles depends on the container, and the walk follows the loade
 - a bare pickle: the whole file.
 
 A ``.pt2`` archive can run code without any pickle: ``torch.export.load`` parses the symbolic
-shapes in ``models/*.json`` with ``sympy.sympify`` (which evaluates Python), resolves graph node
-targets with ``getattr`` chains from ``torch``, and ``ExportedProgram.module()`` compiles the
-archive's guard strings into Python. So the serialized program is checked too, against a
-grammar: ATen/prims operators and higher-order operators only, sympy expression classes over
-shape symbols, shape guards over input sizes (finding kind ``unsafe_program``).
+shapes of its programs (every member under ``models/``, whatever its suffix) with
+``sympy.sympify`` (which evaluates Python), resolves graph node targets with ``getattr`` chains
+from ``torch``, and ``ExportedProgram.module()`` compiles the archive's guard strings into
+Python. So the serialized program is checked too, against a grammar: ATen/prims operators and
+higher-order operators only, sympy expression classes over shape symbols, shape guards over
+input sizes (finding kind ``unsafe_program``). Every JSON member the check parses is capped in
+bytes and in values before it is parsed (a JSON bomb of 60 MiB would cost 1.5 GB); one that is
+not JSON at all is corruption (``CorruptFileError``), since torch cannot load it either.
 
 TorchScript archives name their compiled classes ``__torch__.*`` and their list builders
 ``torch.jit._pickle.*``; the TorchScript loader resolves those itself without importing
@@ -68,6 +73,7 @@ __all__ = [
     "allowed_globals",
     "allowed_graph_callable",
     "scan_model_file",
+    "zip_member_count",
 ]
 
 #: First pickle of a legacy (non-zip) ``torch.save`` file.
@@ -79,7 +85,18 @@ _NATIVE_SUFFIXES = (".so", ".dylib", ".dll", ".pyd")
 _PT2_AOTI_DIR = "data/aotinductor/"
 _PT2_PAYLOAD_DIRS = ("data/weights/", "data/constants/")
 _PT2_PICKLED_PREFIXES = ("custom_obj_", "opaque_obj_")
-_PT2_PROGRAM_NAMES = ("serialized_exported_program.json",)  # + models/*.json; the pre-2.8 layout too
+# torch.export.load deserializes every member under models/ as a program, whatever its suffix.
+_PT2_MODELS_DIR = "models/"
+_PT2_PROGRAM_NAMES = ("serialized_exported_program.json",)  # the pre-2.8 layout
+# Zip records, as zipfile reads them: end of central directory (and its ZIP64 locator and record),
+# central directory header.
+_ZIP_END = struct.Struct("<4s4H2LH")
+_ZIP64_END_LOCATOR = struct.Struct("<4sLQL")
+_ZIP64_END = struct.Struct("<4sQ2H2L4Q")
+_ZIP_CENTRAL_HEADER = struct.Struct("<4s4B4HL2L5H2L")
+# Every JSON value but the outermost follows one of these bytes (and every object key "{" or ","): json.loads
+# builds at most one object per occurrence, plus one.
+_JSON_VALUE_MARKS = (b",", b":", b"[", b"{")
 # Python callables an exported graph may name (torch's serializer writes f"{module}.{name}").
 _PT2_PYTHON_OPERATORS = frozenset(
     [
@@ -239,7 +256,9 @@ class ScanLimits:
     """Caps on the work one scan may do, so hostile files (zip bombs, endless pickles) stay cheap.
 
     Sizes are uncompressed bytes as the archive declares them; members are streamed, never read
-    whole except nested archives (up to ``max_nested_bytes``).
+    whole except nested archives (up to ``max_nested_bytes``) and the JSON members the check parses
+    (up to ``max_json_bytes``, enforced again while reading, and ``max_json_values``). Zip
+    directories are read only when they hold at most ``max_members`` members.
     """
 
     max_members: int = 65_536
@@ -250,6 +269,14 @@ class ScanLimits:
     max_pickle_stack: int = 1_000_000
     max_nested_bytes: int = 512 * 1024**2
     max_depth: int = 3
+    # A pt2 program (models/*) and its payload configurations are parsed whole while the upload request
+    # waits. torch.export.save writes 0.17 MB of program for resnet18, 1.3 MB for densenet121 and 4.6 MB
+    # with 293,000 values for swin_v2_b (dynamic batch), the largest torchvision classifier: both caps
+    # leave 3.4x. Parsed, a real program takes ~6x its bytes but a bomb of empty objects 27x (16 MiB:
+    # 450 MB), hence the cap on values (json.loads builds at most one object per value). The worst
+    # documents under both caps measured ~170 MB at peak; swin_v2_b's program 23 MB.
+    max_json_bytes: int = 16 * 1024**2
+    max_json_values: int = 1_000_000
 
 
 @functools.cache
@@ -290,7 +317,8 @@ def scan_model_file(path: Path, limits: ScanLimits | None = None) -> ModelFileRe
 
     Raises:
         EmptyFileError: the file has no bytes.
-        CorruptFileError: the container itself (zip, tar) cannot be read.
+        CorruptFileError: the container itself (zip, tar) cannot be read; or nothing was flagged but a
+            JSON member of the archive (a pt2 program or payload configuration) is not JSON.
         AllowlistUnavailableError: torch's allowlist cannot be read.
     """
     from scanner.formats import ModelFormat, detect_format
@@ -305,8 +333,10 @@ def scan_model_file(path: Path, limits: ScanLimits | None = None) -> ModelFileRe
     with path.open("rb") as stream:
         try:
             if _is_zip(stream):  # every zip, also those of an unknown kind
-                with zipfile.ZipFile(stream) as archive:
-                    scan.zip_archive(archive, prefix="", depth=0)
+                zipped = scan.open_zip(stream, "archive")
+                if zipped is not None:
+                    with zipped:
+                        scan.zip_archive(zipped, prefix="", depth=0)
             elif file_format is ModelFormat.torch_tar:
                 with tarfile.open(fileobj=stream, mode="r:") as archive:
                     scan.tar_archive(archive)
@@ -318,6 +348,8 @@ def scan_model_file(path: Path, limits: ScanLimits | None = None) -> ModelFileRe
                 scan.pickle_stream(stream, path.name, strict=False)
         except Exception as exc:  # the container itself is unreadable (BadZipFile, TarError, ...)
             raise CorruptFileError(f"{file_format} container cannot be read: {type(exc).__name__}: {exc}") from exc
+    if scan.corrupt and not scan.findings:  # a flagged file is unsafe, corrupt or not
+        raise CorruptFileError(f"{file_format} file is corrupt: " + "; ".join(scan.corrupt[:3]))
     return ModelFileReport(format=file_format, pickles_scanned=scan.pickles, findings=tuple(scan.findings))
 
 
@@ -325,6 +357,83 @@ def _is_zip(stream: IO[bytes]) -> bool:
     head = stream.read(len(_ZIP_MAGIC))
     stream.seek(0)
     return head == _ZIP_MAGIC
+
+
+def zip_member_count(stream: IO[bytes], limit: int) -> int:
+    """How many members a zip archive's central directory holds, counted no further than ``limit + 1``.
+
+    ``zipfile.ZipFile`` reads the whole directory into ``ZipInfo`` objects first (650,000 empty
+    members: 8 s and 350 MB), so archives are measured with this before it opens them. The end
+    record is found as ``zipfile`` finds it (ZIP64 too), and a declared count over ``limit`` is
+    returned at once. Declared counts can lie (``zipfile`` reads headers until the directory's byte
+    size is used up), so the directory's headers are then stepped over the way ``zipfile`` walks
+    them, building nothing, up to ``limit + 1``.
+
+    Args:
+        stream: the archive (seekable); left at an arbitrary position.
+        limit: the most members the caller accepts.
+
+    Returns:
+        The number of members, or a number over ``limit`` (the declared count, or ``limit + 1``).
+
+    Raises:
+        zipfile.BadZipFile: no end record, or a central directory that is truncated or malformed.
+    """
+    declared, directory_size, directory_start = _zip_end_record(stream)
+    if declared > limit:
+        return declared
+    stream.seek(directory_start)
+    count = walked = 0
+    while walked < directory_size and count <= limit:
+        header = stream.read(_ZIP_CENTRAL_HEADER.size)
+        if len(header) != _ZIP_CENTRAL_HEADER.size or walked + len(header) > directory_size:
+            raise zipfile.BadZipFile("truncated central directory")
+        fields = _ZIP_CENTRAL_HEADER.unpack(header)
+        if fields[0] != b"PK\x01\x02":
+            raise zipfile.BadZipFile("bad magic number for central directory")
+        variable = fields[12] + fields[13] + fields[14]  # name, extra field and comment lengths
+        stream.seek(variable, io.SEEK_CUR)
+        walked += len(header) + variable
+        count += 1
+    return count
+
+
+def _zip_end_record(stream: IO[bytes]) -> tuple[int, int, int]:
+    """``(declared members, directory bytes, directory start)`` from the end records, as ``zipfile`` reads them.
+
+    Raises:
+        zipfile.BadZipFile: there is no end record, or it spans disks or points before the file.
+    """
+    size = stream.seek(0, io.SEEK_END)
+    stream.seek(max(size - _ZIP_END.size, 0))
+    record = stream.read()
+    position = size - _ZIP_END.size
+    if not (len(record) == _ZIP_END.size and record.startswith(b"PK\x05\x06") and record.endswith(b"\0\0")):
+        # An archive comment (up to 64 KiB) follows the record: the last signature in reach is it.
+        window_start = max(size - 2**16 - _ZIP_END.size, 0)
+        stream.seek(window_start)
+        window = stream.read()
+        found = window.rfind(b"PK\x05\x06")
+        record = window[found : found + _ZIP_END.size]
+        if found < 0 or len(record) != _ZIP_END.size:
+            raise zipfile.BadZipFile("file is not a zip file (no end of central directory record)")
+        position = window_start + found
+    *_, declared, directory_size, _, _ = _ZIP_END.unpack(record)
+    zip64_start = position - _ZIP64_END_LOCATOR.size - _ZIP64_END.size
+    if zip64_start >= 0:
+        stream.seek(zip64_start)
+        zip64 = stream.read(_ZIP64_END.size + _ZIP64_END_LOCATOR.size)
+        signature, disk, _, disks = _ZIP64_END_LOCATOR.unpack(zip64[_ZIP64_END.size :])
+        if signature == b"PK\x06\x07":
+            if disk != 0 or disks > 1:
+                raise zipfile.BadZipFile("zipfiles that span multiple disks are not supported")
+            if zip64.startswith(b"PK\x06\x06"):
+                *_, declared, directory_size, _ = _ZIP64_END.unpack(zip64[: _ZIP64_END.size])
+                position = zip64_start
+    directory_start = position - directory_size  # zipfile's start_dir: right before the end records
+    if directory_start < 0:
+        raise zipfile.BadZipFile("bad offset for central directory")
+    return declared, directory_size, directory_start
 
 
 # --------------------------------------------------------------------------------------------
@@ -527,6 +636,9 @@ def _whole_module_hint(names: list[str]) -> str:
     return ""
 
 
+_UNCHECKED = _Sentinel("UNCHECKED")  # a JSON member that was flagged or is corrupt, not a document
+
+
 @dataclass
 class _Scan:
     allowed: frozenset[str]
@@ -534,6 +646,7 @@ class _Scan:
     limits: ScanLimits
     pickles: int = 0
     findings: list[PickleFinding] = field(default_factory=list)
+    corrupt: list[str] = field(default_factory=list)  # members that torch could not load either
 
     def flag(self, member: str, kind: FindingKind, message: str, names: tuple[str, ...] = ()) -> None:
         self.findings.append(PickleFinding(member=member, globals=names, message=message, kind=kind))
@@ -593,17 +706,24 @@ class _Scan:
 
     # -- zip ----------------------------------------------------------------------------------
 
+    def open_zip(self, stream: IO[bytes], label: str) -> zipfile.ZipFile | None:
+        """Open a zip archive whose directory holds at most ``max_members`` members; flag it and return None otherwise.
+
+        Raises:
+            zipfile.BadZipFile: not a readable zip archive.
+        """
+        if zip_member_count(stream, self.limits.max_members) > self.limits.max_members:
+            self.flag(label, FindingKind.limit_exceeded, f"more than {self.limits.max_members} members")
+            return None
+        return zipfile.ZipFile(stream)
+
     def zip_archive(self, archive: zipfile.ZipFile, prefix: str, depth: int) -> None:
         """Check every member of a zip archive (recursing into nested zips)."""
         infos = archive.infolist()
-        label = prefix.removesuffix("!/") or "archive"
-        if len(infos) > self.limits.max_members:
-            self.flag(label, FindingKind.limit_exceeded, f"{len(infos)} members (limit {self.limits.max_members})")
-            return
         total = sum(info.file_size for info in infos)
         if total > self.limits.max_total_bytes:
             self.flag(
-                label,
+                prefix.removesuffix("!/") or "archive",
                 FindingKind.limit_exceeded,
                 f"members add up to {total} uncompressed bytes (limit {self.limits.max_total_bytes})",
             )
@@ -648,17 +768,17 @@ class _Scan:
             directory = next((d for d in _PT2_PAYLOAD_DIRS if relative.startswith(d)), None)
             if directory is None or not relative.endswith("config.json"):
                 continue
-            if info.file_size > self.limits.max_nested_bytes:
-                self.flag(prefix + info.filename, FindingKind.limit_exceeded, "payload configuration is too large")
+            document = self._read_json(archive, info, prefix + info.filename, "pt2 payload configuration")
+            if document is _UNCHECKED:
                 continue
             try:
-                entries = json.loads(archive.read(info))["config"].values()
+                entries = document["config"].values()
                 for entry in entries:
                     path_name = str(entry["path_name"])
                     if entry.get("use_pickle") or path_name.startswith(_PT2_PICKLED_PREFIXES):
                         targets = by_relative.get(posixpath.join(directory, path_name), [])
                         pickled.update(target.filename for target in targets)
-            except Exception as exc:  # malformed JSON or a corrupt member: a finding, never a crash
+            except Exception as exc:  # JSON of another shape: a finding, never a crash
                 self.flag(
                     prefix + info.filename,
                     FindingKind.malformed_pickle,
@@ -694,7 +814,7 @@ class _Scan:
         ):
             self.flag(member, FindingKind.limit_exceeded, f"compression ratio {ratio:.0f} (zip bomb?)")
             return
-        if (relative.startswith("models/") and relative.endswith(".json")) or relative in _PT2_PROGRAM_NAMES:
+        if relative.startswith(_PT2_MODELS_DIR) or relative in _PT2_PROGRAM_NAMES:
             self._pt2_program(archive, info, member)
             return
         strict = strict or relative.endswith(("pkl", ".pt", ".pth"))
@@ -719,13 +839,14 @@ class _Scan:
             self.flag(member, FindingKind.limit_exceeded, f"nested archive over {self.limits.max_nested_bytes} bytes")
             return
         try:
-            nested = zipfile.ZipFile(io.BytesIO(stream.read()))
+            nested = self.open_zip(io.BytesIO(stream.read()), member)
         except Exception as exc:  # not a zip after all (raw bytes can start with the magic)
             if strict:
                 self.flag(member, FindingKind.malformed_pickle, f"nested archive cannot be read: {exc}")
             return
-        with nested:
-            self.zip_archive(nested, prefix=member + "!/", depth=depth + 1)
+        if nested is not None:
+            with nested:
+                self.zip_archive(nested, prefix=member + "!/", depth=depth + 1)
 
     def _pt2_program(self, archive: zipfile.ZipFile, info: zipfile.ZipInfo, member: str) -> None:
         """Check the JSON graph of an exported program for what ``torch.export.load`` would run.
@@ -736,13 +857,8 @@ class _Scan:
         guard code. Only ATen/prims operator overloads, higher-order operators, torch's symbolic
         Python operators, sympy expressions and shape guards of a fixed grammar pass.
         """
-        if info.file_size > self.limits.max_nested_bytes:
-            self.flag(member, FindingKind.limit_exceeded, f"exported program over {self.limits.max_nested_bytes} bytes")
-            return
-        try:
-            document = json.loads(archive.read(info))
-        except Exception as exc:  # invalid JSON, too deeply nested, or a corrupt member
-            self.flag(member, FindingKind.unsafe_program, f"exported program is not valid JSON: {exc}")
+        document = self._read_json(archive, info, member, "exported program")
+        if document is _UNCHECKED:
             return
         problems = _program_problems(document)
         if problems:
@@ -755,6 +871,46 @@ class _Scan:
                 + (f" (+{len(problems) - 20} more)" if len(problems) > 20 else ""),
                 tuple(shown),
             )
+
+    def _read_json(self, archive: zipfile.ZipFile, info: zipfile.ZipInfo, member: str, what: str) -> Any:
+        """Parse a JSON member within the byte and value caps, as torch would read it (``json.loads``).
+
+        The caps hold before anything is parsed: the declared size, then the bytes read (never more
+        than the cap + 1, should the declaration lie), then the number of values. Over a cap, nested
+        too deeply for this parser, or unreadable (like any member) is a finding; bytes that are not
+        JSON are corruption, since torch cannot load them either.
+
+        Returns:
+            The document, or ``_UNCHECKED``.
+        """
+        cap = self.limits.max_json_bytes
+        if info.file_size > cap:
+            self.flag(member, FindingKind.limit_exceeded, f"{what} of {info.file_size} bytes (limit {cap})")
+            return _UNCHECKED
+        try:
+            with archive.open(info) as stream:
+                data = stream.read(cap + 1)
+        except Exception as exc:  # BadZipFile, zlib.error, LZMAError, ...: a finding, never a crash
+            self.flag(member, FindingKind.malformed_pickle, f"{what} cannot be read: {exc}")
+            return _UNCHECKED
+        if len(data) > cap:
+            self.flag(member, FindingKind.limit_exceeded, f"{what} of more than {cap} bytes (limit {cap})")
+            return _UNCHECKED
+        values = 1 + sum(data.count(mark) for mark in _JSON_VALUE_MARKS)
+        if values > self.limits.max_json_values:
+            self.flag(
+                member,
+                FindingKind.limit_exceeded,
+                f"{what} of up to {values} JSON values (limit {self.limits.max_json_values})",
+            )
+            return _UNCHECKED
+        try:
+            return json.loads(data)
+        except RecursionError:
+            self.flag(member, FindingKind.limit_exceeded, f"{what} is nested too deeply to be checked")
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+            self.corrupt.append(f"{member}: {what} is not valid JSON: {exc}")
+        return _UNCHECKED
 
     # -- legacy tar ---------------------------------------------------------------------------
 

@@ -14,10 +14,12 @@ operator/expression/guard of an exported program's graph).
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
 import pickle
+import random
 import shlex
 import struct
 import tarfile
@@ -33,6 +35,8 @@ __all__ = [
     "EXPECTED_FINDINGS",
     "MALICIOUS_BUILDERS",
     "build_clean_legacy_tar",
+    "build_json_bomb_pt2",
+    "build_many_member_zip",
     "build_small_pt2",
     "rewrite_zip",
 ]
@@ -184,6 +188,74 @@ def build_clean_legacy_tar(path: Path) -> Path:
     """A clean legacy tar checkpoint: ``{"weight": <2x2 tensor>}``."""
     object_pickle = _persistent_pickle({"weight": "t0"}, lambda obj: obj if obj == "t0" else None)
     return _legacy_tar(path, object_pickle)
+
+
+def build_json_bomb_pt2(
+    path: Path, size: int, *, member: str = "models/model.json", declared_size: int | None = None
+) -> Path:
+    """A real pt2 archive whose ``member`` is a JSON bomb: ``[`` + ``{},`` repeated, then a random string.
+
+    ``size`` uncompressed bytes, deflated: ``{},`` compresses a thousandfold, and the random (base64)
+    tail of ``size // 100`` bytes keeps the compression ratio near 120, under the scan's limit of 200,
+    as an attacker would. ``json.loads`` builds every ``{}`` before it fails on the tail. Written in
+    chunks, so the test process never holds the JSON. ``declared_size`` rewrites the member's
+    uncompressed-size fields (local header and central directory) to lie about it.
+    """
+    clean = build_small_pt2(path.with_name(f"{path.stem}_clean.pt2"))
+    name = f"{_pt2_root(clean)}/{member}"
+    tail = base64.b64encode(random.Random(0).randbytes(size // 100 * 3 // 4))
+    count, rest = divmod(size - 1 - len(tail), len(b"{},"))
+    with zipfile.ZipFile(clean) as original, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as bomb:
+        for info in original.infolist():
+            if info.filename != name:
+                bomb.writestr(info.filename, original.read(info))
+                continue
+            with bomb.open(name, "w") as stream:
+                stream.write(b"[")
+                for start in range(0, count, 2**18):
+                    stream.write(b"{}," * min(2**18, count - start))
+                stream.write(b" " * rest + tail)
+    clean.unlink()
+    if declared_size is not None:
+        with zipfile.ZipFile(path) as archive:
+            local = archive.getinfo(name).header_offset
+        data = bytearray(path.read_bytes())
+        central = data.rfind(name.encode()) - 46  # the name's last occurrence is in the central directory
+        struct.pack_into("<I", data, local + 22, declared_size)  # local file header: uncompressed size
+        struct.pack_into("<I", data, central + 24, declared_size)  # central directory: uncompressed size
+        path.write_bytes(bytes(data))
+    return path
+
+
+def build_many_member_zip(path: Path, members: int, *, declared: int | None = None) -> Path:
+    """A zip of ``members`` empty stored members, written record by record (``zipfile`` takes seconds).
+
+    Its end record declares ``declared`` members (default: the truth), with ZIP64 end records when
+    that does not fit 16 bits, as ``zipfile`` writes them; a smaller ``declared`` is a lying archive
+    whose central directory still holds every member.
+    """
+    declared = members if declared is None else declared
+    local = struct.Struct("<4s5H3L2H")
+    central = struct.Struct("<4s6H3L5H2L")
+    names = [f"many/{index:07d}".encode() for index in range(members)]
+    with path.open("wb") as stream:
+        offsets = []
+        for name in names:
+            offsets.append(stream.tell())
+            stream.write(local.pack(b"PK\x03\x04", 20, 0, 0, 0, 0x21, 0, 0, 0, len(name), 0) + name)
+        directory_offset = stream.tell()
+        for name, offset in zip(names, offsets, strict=True):
+            stream.write(central.pack(b"PK\x01\x02", 20, 20, 0, 0, 0, 0x21, 0, 0, 0, len(name), 0, 0, 0, 0, 0, offset))
+            stream.write(name)
+        directory_size = stream.tell() - directory_offset
+        if declared >= 0xFFFF:
+            zip64_offset = stream.tell()
+            zip64_end = (b"PK\x06\x06", 44, 45, 45, 0, 0, declared, declared, directory_size, directory_offset)
+            stream.write(struct.pack("<4sQ2H2L4Q", *zip64_end))
+            stream.write(struct.pack("<4sLQL", b"PK\x06\x07", 0, zip64_offset, 1))
+        short = min(declared, 0xFFFF)
+        stream.write(struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, short, short, directory_size, directory_offset, 0))
+    return path
 
 
 # -- the builders --------------------------------------------------------------------------
@@ -455,6 +527,20 @@ def _pt2_guard_code(directory: Path, marker: Path) -> Path:
     return _edit_pt2_program(clean, directory / "pt2_guard_code.pt2", edit)
 
 
+def _pt2_program_without_json_suffix(directory: Path, marker: Path) -> Path:
+    """torch.export.load deserializes every member under ``models/``: ``models/model.jsox`` is program ``model``."""
+    evil = _pt2_sympy_expression(directory, marker)
+    root = _pt2_root(evil)
+    path = directory / "pt2_program_suffix.pt2"
+    with zipfile.ZipFile(evil) as original, zipfile.ZipFile(path, "w") as renamed:
+        for info in original.infolist():
+            renamed.writestr(
+                info.filename.replace(f"{root}/models/model.json", f"{root}/models/model.jsox"), original.read(info)
+            )
+    evil.unlink()
+    return path
+
+
 MALICIOUS_BUILDERS: dict[str, Builder] = {
     "os_system": _os_system,
     "posix_system_reduce": _posix_system_reduce,
@@ -477,6 +563,7 @@ MALICIOUS_BUILDERS: dict[str, Builder] = {
     "pt2_sympy_expression": _pt2_sympy_expression,
     "pt2_graph_target": _pt2_graph_target,
     "pt2_guard_code": _pt2_guard_code,
+    "pt2_program_without_json_suffix": _pt2_program_without_json_suffix,
 }
 
 EXPECTED_FINDINGS: dict[str, tuple[str, str]] = {
@@ -501,4 +588,5 @@ EXPECTED_FINDINGS: dict[str, tuple[str, str]] = {
     "pt2_sympy_expression": ("pt2_sympy/models/model.json", "__import__('os').system"),
     "pt2_graph_target": ("pt2_target/models/model.json", "'torch.os.system'"),
     "pt2_guard_code": ("pt2_guards/models/model.json", "__import__('os').system"),
+    "pt2_program_without_json_suffix": ("pt2_sympy/models/model.jsox", "__import__('os').system"),
 }

@@ -7,6 +7,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import tracemalloc
 import zipfile
 from pathlib import Path
 
@@ -18,8 +19,8 @@ from torch import nn
 
 from scanner.architectures import build_architecture
 from scanner.config import ModelOptions
-from scanner.errors import AllowlistUnavailableError, UnsafeFileError
-from scanner.formats import ModelFormat, load_model
+from scanner.errors import AllowlistUnavailableError, CorruptFileError, ScannerError, UnsafeFileError
+from scanner.formats import ModelFormat, check_model_file, detect_format, load_model
 from scanner.model_file import (
     FindingKind,
     ModelFileReport,
@@ -27,11 +28,14 @@ from scanner.model_file import (
     _program_problems,
     allowed_globals,
     scan_model_file,
+    zip_member_count,
 )
 from tests.malicious import (
     EXPECTED_FINDINGS,
     MALICIOUS_BUILDERS,
     build_clean_legacy_tar,
+    build_json_bomb_pt2,
+    build_many_member_zip,
     build_small_pt2,
     rewrite_zip,
 )
@@ -41,6 +45,18 @@ CPU = torch.device("cpu")
 
 def kinds(report: ModelFileReport) -> list[FindingKind]:
     return [finding.kind for finding in report.findings]
+
+
+def refused_with_peak(path: Path) -> tuple[ScannerError, int]:
+    """How ``check_model_file`` (the upload request's check) refuses ``path``, and the peak bytes Python allocated."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(ScannerError) as caught:
+            check_model_file(path, ModelOptions())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return caught.value, peak
 
 
 # -- malicious files -------------------------------------------------------------------------
@@ -387,6 +403,110 @@ def test_scan_limits(tmp_path: Path, clean_files: dict[ModelFormat, Path]) -> No
         ("model/data/9", FindingKind.limit_exceeded)
     ]
     assert "compression ratio" in report.findings[0].message
+
+
+@pytest.mark.parametrize("member", ["models/model.json", "data/weights/model_weights_config.json"])
+@pytest.mark.parametrize(
+    ("size", "declared_size", "kind", "fragment"),
+    [
+        (20 * 2**20, None, FindingKind.limit_exceeded, "of 20971520 bytes (limit 16777216)"),
+        (8 * 2**20, None, FindingKind.limit_exceeded, "JSON values (limit 1000000)"),
+        (20 * 2**20, 1000, FindingKind.malformed_pickle, "cannot be read: Bad CRC-32"),  # zipfile stops at 1000
+    ],
+    ids=["over_byte_cap", "over_value_cap", "lying_size"],
+)
+def test_json_bomb_refused_before_parsing(
+    tmp_path: Path, member: str, size: int, declared_size: int | None, kind: FindingKind, fragment: str
+) -> None:
+    """``[{},{},...`` + a random tail: json.loads would build ~27 bytes of objects per byte (60 MiB: 1.5 GB)."""
+    path = build_json_bomb_pt2(tmp_path / "bomb.pt2", size, member=member, declared_size=declared_size)
+
+    error, peak = refused_with_peak(path)
+
+    assert peak < 64 * 2**20, f"the check allocated {peak / 2**20:.0f} MiB"
+    assert isinstance(error, UnsafeFileError)
+    assert {(finding.member, finding.kind) for finding in error.report.findings} == {(f"bomb_clean/{member}", kind)}
+    assert fragment in error.detail
+
+
+@pytest.mark.parametrize("declared", [None, 3], ids=["honest", "lying"])
+def test_zip_directory_read_only_up_to_member_limit(tmp_path: Path, declared: int | None) -> None:
+    """100,000 empty members: zipfile would build 100,000 ZipInfo objects (650,000: 8 s and 350 MB) before the limit."""
+    path = build_many_member_zip(tmp_path / "many.zip", 100_000, declared=declared)
+
+    error, peak = refused_with_peak(path)
+
+    assert peak < 4 * 2**20, f"the check allocated {peak / 2**20:.1f} MiB"
+    assert isinstance(error, UnsafeFileError)
+    assert [(finding.member, finding.kind) for finding in error.report.findings] == [
+        ("archive", FindingKind.limit_exceeded)
+    ]
+    assert "more than 65536 members" in error.detail
+    assert detect_format(path) is ModelFormat.unknown
+
+
+def test_zip_member_count_agrees_with_zipfile(tmp_path: Path, clean_files: dict[ModelFormat, Path]) -> None:
+    commented = tmp_path / "commented.zip"
+    with zipfile.ZipFile(commented, "w") as archive:
+        archive.writestr("a", b"1")
+        archive.writestr("b", b"PK\x05\x06 looks like an end record")
+        archive.comment = b"x" * 1000
+    prepended = tmp_path / "prepended.zip"
+    prepended.write_bytes(b"junk" * 100 + clean_files[ModelFormat.torch_zip].read_bytes())
+    archives = [clean_files[kind] for kind in (ModelFormat.pt2, ModelFormat.torch_zip, ModelFormat.torchscript)]
+    for path in [*archives, commented, prepended]:
+        with path.open("rb") as stream, zipfile.ZipFile(path) as archive:
+            assert zip_member_count(stream, 100_000) == len(archive.infolist()), path.name
+            assert zip_member_count(stream, 1) == len(archive.infolist()), path.name  # as declared
+
+    zip64 = build_many_member_zip(tmp_path / "zip64.zip", 70_000)
+    lying = build_many_member_zip(tmp_path / "lying.zip", 70_000, declared=3)
+    with zip64.open("rb") as stream, lying.open("rb") as lying_stream:
+        assert zip_member_count(stream, 100_000) == 70_000  # walked
+        assert zip_member_count(stream, 65_536) == 70_000  # declared, the directory unread
+        assert zip_member_count(lying_stream, 100_000) == 70_000
+        assert zip_member_count(lying_stream, 100) == 101
+
+    truncated = tmp_path / "truncated.zip"
+    truncated.write_bytes(clean_files[ModelFormat.torch_zip].read_bytes()[:-30])
+    with truncated.open("rb") as stream, pytest.raises(zipfile.BadZipFile):
+        zip_member_count(stream, 100)
+
+
+def test_scan_program_json_that_does_not_parse_is_corrupt(tmp_path: Path) -> None:
+    """Not JSON (cut short, or not UTF-8): torch cannot load it either; still flagged when something else is."""
+    clean = build_small_pt2(tmp_path / "cut.pt2")
+    with zipfile.ZipFile(clean) as archive:
+        program = archive.read("cut/models/model.json")
+        config = archive.read("cut/data/weights/model_weights_config.json")
+    cases = {
+        "cut/models/model.json": program[: len(program) // 2],
+        "cut/data/weights/model_weights_config.json": config[:-1],
+        "cut/models/latin1.json": '{"name": "é"}'.encode("latin-1"),
+    }
+    for name, data in cases.items():
+        path = rewrite_zip(clean, tmp_path / "corrupt.pt2", {name: data})
+        with pytest.raises(CorruptFileError) as caught:
+            load_model(path, ModelOptions(), CPU)
+        assert caught.value.code == "corrupt_file"
+        assert f"{name}: " in caught.value.detail
+        assert "is not valid JSON" in caught.value.detail
+
+    evil = rewrite_zip(
+        clean,
+        tmp_path / "corrupt_and_evil.pt2",
+        {"cut/models/model.json": program[:100], "cut/extra.pkl": b"\x80\x02cposix\nsystem\n)R."},
+    )
+    with pytest.raises(UnsafeFileError) as unsafe:
+        check_model_file(evil, ModelOptions())
+    assert [finding.member for finding in unsafe.value.report.findings] == ["cut/extra.pkl"]
+
+    deep = rewrite_zip(clean, tmp_path / "deep.pt2", {"cut/models/model.json": b"[" * 100_000})
+    (finding,) = scan_model_file(deep).findings  # a parser with a deeper stack could read it: not checked
+    assert (finding.kind, finding.message) == (
+        FindingKind.limit_exceeded,
+        "exported program is nested too deeply to be checked",
+    )
 
 
 def test_scan_nesting_depth(tmp_path: Path) -> None:

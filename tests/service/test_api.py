@@ -300,11 +300,22 @@ def test_inline_scan_failure_is_stored_with_the_scanner_code(
     make_client: Callable[..., TestClient], tiny_model: Path
 ) -> None:
     client = make_client(inline=True)
-    response = post_scan(client, tiny_model, arch="mnist_cnn", num_classes="7")  # the weights say 10
+    response = post_scan(client, tiny_model, arch="cifar_cnn")  # mnist_cnn weights: found when loading
     scan = client.get(response.headers["location"], headers=AUTH).json()
     assert scan["status"] == "failed"
     assert scan["error"]["code"] == "state_dict_mismatch"
     assert "Traceback" not in scan["error"]["detail"]
+
+
+def test_create_scan_num_classes_the_weights_disagree_with(
+    make_client: Callable[..., TestClient], tiny_model: Path
+) -> None:
+    """Checked at submit from the safetensors header (issue 13: it failed later, with another code elsewhere)."""
+    client = make_client()
+    body = assert_problem(post_scan(client, tiny_model, arch="mnist_cnn", num_classes="7"), 422, "invalid_option")
+    assert "num_classes is 7" in body["detail"]
+    assert "classifier.3.weight has 10 rows" in body["detail"]
+    assert client.get("/v1/scans", headers=AUTH).json()["total"] == 0
 
 
 def test_openapi_describes_the_upload_form(make_client: Callable[..., TestClient]) -> None:
