@@ -27,7 +27,7 @@ import re
 import stat
 import zipfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +38,7 @@ from torch import nn
 
 from scanner.config import MAX_SIDE, DataLimits
 from scanner.errors import DataModelMismatchError, InvalidDataError, InvalidOptionError
+from scanner.model_file import zip_member_count
 
 __all__ = [
     "NormalizedClassifier",
@@ -63,6 +64,9 @@ _NPY_HEADER_READERS = {
     (2, 0): np.lib.format.read_array_header_2_0,
 }
 _CHECK_BATCH = 8
+_READ_CHUNK = 1 << 20
+_NPY_HEADER_MAX = 1 << 20  # numeric arrays need a few hundred bytes of header; a longer one does not parse
+_PROGRESS_EVERY = 256  # images decoded between progress calls (a cancel is honoured between them)
 _FLOAT32_BYTES = 4
 
 
@@ -79,12 +83,16 @@ class Samples:
         paths: for an ImageFolder zip, the archive member of each sample, so that an index
             reported by a detector can be traced back to a file; ``None`` for an ``.npz``
             (indices refer to rows of ``x``).
+        rows: when only a subset of the upload was kept (``load_samples(max_samples=...)``), the
+            position of each kept sample in the upload (rows of ``x``, or the class-then-path
+            order of an ImageFolder zip), int64 ``(N,)``; ``None`` when every sample was kept.
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     class_names: tuple[str, ...] | None = None
     paths: tuple[str, ...] | None = None
+    rows: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.images.dtype != torch.float32:
@@ -95,6 +103,12 @@ class Samples:
             )
         if self.paths is not None and len(self.paths) != self.images.shape[0]:
             raise ValueError(f"paths must name {self.images.shape[0]} samples, got {len(self.paths)}")
+        if self.rows is not None and self.rows.shape != (self.images.shape[0],):
+            raise ValueError(f"rows must number {self.images.shape[0]} samples, got {tuple(self.rows.shape)}")
+
+    def upload_row(self, index: int) -> int:
+        """The position in the uploaded file of sample ``index`` (they differ when a subset was kept)."""
+        return index if self.rows is None else int(self.rows[index])
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -103,8 +117,18 @@ class Samples:
         return channels, height, width
 
 
+#: ``progress(fraction)`` of a sample file's decoding, in [0, 1]; may raise to stop it.
+LoadProgress = Callable[[float], None]
+
+
 def load_samples(
-    path: Path, *, input_shape: tuple[int, int, int] | None = None, limits: DataLimits = DataLimits()
+    path: Path,
+    *,
+    input_shape: tuple[int, int, int] | None = None,
+    limits: DataLimits = DataLimits(),
+    max_samples: int | None = None,
+    seed: int = 0,
+    progress: LoadProgress | None = None,
 ) -> Samples:
     """Read a sample set from an ``.npz`` or an ImageFolder ``.zip``; the format is detected from the bytes.
 
@@ -122,12 +146,18 @@ def load_samples(
     have the same size, and come back ordered by class index then member path. ``__MACOSX/``
     and dot-files are skipped.
 
-    The decoded float32 tensor may not exceed ``limits.max_total_bytes`` either.
+    The decoded float32 tensor may not exceed ``limits.max_total_bytes`` either. With
+    ``max_samples``, a larger set is cut to a seeded random subset of that many samples before
+    any pixel is converted (an ImageFolder's other images are never decoded), so memory and time
+    follow ``max_samples``, not the upload; ``rows`` then says where each kept sample was.
 
     Args:
         path: the uploaded file.
         input_shape: ``(C, H, W)`` the model expects; when given, every sample must have it.
         limits: caps for untrusted archives.
+        max_samples: keep at most this many samples (``None``: all).
+        seed: picks the subset.
+        progress: called while images are decoded (at least every 256 images).
 
     Returns:
         The samples, float32 ``(N, C, H, W)`` in [0, 1] and int64 labels ``(N,)``, on the CPU.
@@ -139,16 +169,39 @@ def load_samples(
         InvalidOptionError: ``input_shape`` asks an ImageFolder for a channel count other than 1 or 3.
     """
     try:
+        with path.open("rb") as stream:  # zipfile reads the whole directory: count its members first
+            count = zip_member_count(stream, limits.max_members)
+        if count > limits.max_members:
+            raise InvalidDataError(
+                f"the archive has more than {limits.max_members} members; at most {limits.max_members} are allowed"
+            )
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, NotImplementedError, EOFError, ValueError) as error:
+    except (zipfile.BadZipFile, NotImplementedError, EOFError, ValueError, OSError) as error:
         raise InvalidDataError(
             f"{path.name}: expected an .npz or an ImageFolder .zip, but the file is not a zip archive ({error})"
         ) from error
     with archive:
         members = _checked_members(archive, limits)
+        keep = _Keep(max_samples, seed)
         if members and all(_is_npy_member(info) for info in members):
-            return _load_npz(archive, members, input_shape=input_shape, limits=limits)
-        return _load_image_folder(archive, members, input_shape=input_shape, limits=limits)
+            return _load_npz(archive, members, input_shape=input_shape, limits=limits, keep=keep)
+        return _load_image_folder(
+            archive, members, input_shape=input_shape, limits=limits, keep=keep, progress=progress
+        )
+
+
+@dataclass(frozen=True)
+class _Keep:
+    """Which samples of an upload to keep: a seeded random subset of at most ``limit``, in upload order."""
+
+    limit: int | None
+    seed: int
+
+    def rows(self, count: int) -> torch.Tensor | None:
+        if self.limit is None or count <= self.limit:
+            return None
+        chosen = torch.randperm(count, generator=torch.Generator().manual_seed(self.seed))[: self.limit]
+        return chosen.sort().values
 
 
 # --- archive checks ---------------------------------------------------------------------------
@@ -200,9 +253,23 @@ def _member_parts(name: str) -> tuple[str, ...]:
     return parts
 
 
-def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytearray:
+    """The member's bytes, read in chunks into one buffer of its declared size (``ZipFile.read`` joins the chunks
+    of a deflated member at the end, which holds the member twice)."""
+    buffer = bytearray(info.file_size)
+    view = memoryview(buffer)
     try:
-        return archive.read(info)
+        with archive.open(info) as member:
+            filled = 0
+            while filled < info.file_size:
+                chunk = member.read(min(_READ_CHUNK, info.file_size - filled))
+                if not chunk:
+                    raise EOFError(f"the member ends after {filled} of its {info.file_size} bytes")
+                view[filled : filled + len(chunk)] = chunk
+                filled += len(chunk)
+            if member.read(1):
+                raise zipfile.BadZipFile("the member holds more bytes than it declares")
+        return buffer
     except (zipfile.BadZipFile, zlib.error, lzma.LZMAError, NotImplementedError, EOFError, OSError) as error:
         raise InvalidDataError(f"{info.filename!r}: cannot be decompressed ({error})") from error
 
@@ -218,7 +285,7 @@ def _read_npy(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
     """Parse one ``.npy`` member; the header is validated before any array is built."""
     key = info.filename.removesuffix(".npy")
     data = _read_member(archive, info)
-    stream = io.BytesIO(data)
+    stream = io.BytesIO(bytes(memoryview(data)[:_NPY_HEADER_MAX]))  # the header only: the array is not copied
     try:
         version = np.lib.format.read_magic(stream)
         if version not in _NPY_HEADER_READERS:
@@ -251,6 +318,7 @@ def _load_npz(
     *,
     input_shape: tuple[int, int, int] | None,
     limits: DataLimits,
+    keep: _Keep,
 ) -> Samples:
     by_key = {info.filename.removesuffix(".npy"): info for info in members}
     missing = [key for key in ("x", "y") if key not in by_key]
@@ -285,6 +353,9 @@ def _load_npz(
     if y.max() > np.iinfo(np.int64).max:
         raise InvalidDataError(f"'y' labels must fit in int64; found {y.max()}")
 
+    rows = keep.rows(count)
+    if rows is not None:
+        x, y, count = x[rows.numpy()], y[rows.numpy()], len(rows)
     if x.dtype == np.uint8:
         images = torch.from_numpy(x.astype(np.float32)).div_(255.0)
     elif x.dtype in (np.float32, np.float64):
@@ -300,7 +371,7 @@ def _load_npz(
         images = torch.from_numpy(x.astype(np.float32))
     else:
         raise InvalidDataError(f"'x' must be uint8, or float32/float64 in [0, 1]; got dtype {x.dtype}")
-    return Samples(images=images.reshape(count, *sample_shape), labels=torch.from_numpy(y.astype(np.int64)))
+    return Samples(images=images.reshape(count, *sample_shape), labels=torch.from_numpy(y.astype(np.int64)), rows=rows)
 
 
 def _check_count(count: int, limits: DataLimits) -> None:
@@ -328,12 +399,17 @@ def _load_image_folder(
     *,
     input_shape: tuple[int, int, int] | None,
     limits: DataLimits,
+    keep: _Keep,
+    progress: LoadProgress | None,
 ) -> Samples:
     files = _image_files(members)
     _check_count(len(files), limits)
     labels, class_names = _class_indices([folder for folder, _ in files])
     members_of_files = (info for _, info in files)
     entries = sorted(zip(labels, members_of_files, strict=True), key=lambda entry: (entry[0], entry[1].filename))
+    rows = keep.rows(len(entries))
+    if rows is not None:
+        entries = [entries[row] for row in rows.tolist()]
 
     mode: str | None = None
     size: tuple[int, int] | None = None
@@ -347,6 +423,8 @@ def _load_image_folder(
 
     pixels: np.ndarray | None = None
     for row, (_, info) in enumerate(entries):
+        if progress is not None and row % _PROGRESS_EVERY == 0:
+            progress(row / len(entries))
         image = _open_image(archive, info)
         if size is None:
             size = image.size
@@ -374,6 +452,7 @@ def _load_image_folder(
         labels=torch.tensor([label for label, _ in entries], dtype=torch.int64),
         class_names=class_names,
         paths=tuple(info.filename for _, info in entries),
+        rows=rows,
     )
 
 
@@ -504,7 +583,8 @@ def check_samples_against_model(
 
     Raises:
         DataModelMismatchError: the model fails on the sample shape, its output is not ``(N, K)``
-            with ``K >= 2``, ``K`` differs from ``num_classes``, or a label is ``>= K``.
+            with ``K >= 2``, or a label is ``>= K``.
+        InvalidOptionError: ``K`` differs from ``num_classes`` (the option disagrees with the model).
     """
     batch = samples.images[:_CHECK_BATCH].to(device)
     try:
@@ -524,7 +604,7 @@ def check_samples_against_model(
     if classes < 2:
         raise DataModelMismatchError(f"the model outputs {classes} logit per sample; a classifier needs at least 2")
     if num_classes is not None and classes != num_classes:
-        raise DataModelMismatchError(f"num_classes is {num_classes} but the model outputs {classes} logits")
+        raise InvalidOptionError(f"num_classes is {num_classes} but the model outputs {classes} logits")
     max_label = int(samples.labels.max())
     if max_label >= classes:
         raise DataModelMismatchError(

@@ -71,17 +71,23 @@ def _needs_clean(inputs: ScanInputs) -> str | None:
 
 
 def _evidence(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, trigger: ClassTrigger
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    trigger: ClassTrigger,
+    upload_row: Callable[[int], int],
 ) -> tuple[dict[str, Any], dict[str, bytes]]:
     """The ``evidence`` entry of a flagged class and its PNG strips by kind (``stamped``, ``gradcam``); a failure is
-    reported in the entry, never raised."""
+    reported in the entry, never raised. ``upload_row`` turns a sample's index into its row in the uploaded file."""
     try:
         evidence = trigger_evidence(model, images, labels, Trigger(trigger.mask, trigger.pattern), trigger.target)
         pngs = evidence_pngs(evidence)
     except Exception as exc:  # pictures for people never cost the scan its verdict
         logger.warning("trigger evidence failed for class %d", trigger.target, exc_info=True)
         return {"status": "error", "code": "evidence_failed", "detail": f"{type(exc).__name__}: {exc}"}, {}
-    return evidence.to_dict(), pngs
+    entry = evidence.to_dict()
+    entry["sample_indices"] = [upload_row(row) for row in entry["sample_indices"]]
+    return entry, pngs
 
 
 def _run_neural_cleanse(inputs: ScanInputs) -> DetectorResult:
@@ -133,7 +139,7 @@ def _run_neural_cleanse(inputs: ScanInputs) -> DetectorResult:
         if flagged:
             entry["mask"] = {"shape": list(trigger.mask.shape), "png_base64": png_base64(trigger.mask)}
             entry["pattern"] = {"shape": list(trigger.pattern.shape), "png_base64": png_base64(trigger.pattern)}
-            entry["evidence"], pngs = _evidence(inputs.model, images, labels, trigger)
+            entry["evidence"], pngs = _evidence(inputs.model, images, labels, trigger, inputs.clean.upload_row)
             for kind, png in pngs.items():
                 names[f"{kind}_png"] = f"{stem}-{kind}.png"
                 artifacts[f"{stem}-{kind}.png"] = png

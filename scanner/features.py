@@ -16,7 +16,7 @@ head. Two kinds of model reach the scanner:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -40,7 +40,12 @@ _LINEAR_OPS: dict[Any, int] = {
 
 @torch.no_grad()
 def penultimate_features(
-    model: nn.Module, images: torch.Tensor, *, device: torch.device, batch_size: int = 512
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    device: torch.device,
+    batch_size: int = 512,
+    progress: Callable[[float], None] | None = None,
 ) -> torch.Tensor:
     """Input of the model's last linear layer for every image, computed in batches without gradients.
 
@@ -51,6 +56,7 @@ def penultimate_features(
         images: inputs, shape ``(N, C, H, W)``, on any device; moved to ``device`` one batch at a time.
         device: where the model runs.
         batch_size: images per forward pass.
+        progress: called with the fraction done before every batch (it may raise to stop the extraction).
 
     Returns:
         float32 features, shape ``(N, D)``, on ``device``; ``D`` is the head's input width.
@@ -66,28 +72,41 @@ def penultimate_features(
     if len(images) == 0:
         raise ValueError("penultimate_features needs at least one image")
     batches = torch.split(images, batch_size)
+
+    def each_batch(features_of: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        captured = []
+        for number, batch in enumerate(batches):
+            if progress is not None:
+                progress(number / len(batches))
+            captured.append(features_of(batch.to(device)))
+        return torch.cat(captured)
+
     exported = _exported_graph(model)
     if exported is not None:
         name, graph_module, head_node = exported
         cut = _graph_cut(graph_module, head_node)
         if not name:
-            return torch.cat([_as_features(cut(batch.to(device))) for batch in batches])
+            return each_batch(lambda batch: _as_features(cut(batch)))
         with _submodule_replaced(model, name, cut):
-            return torch.cat([_as_features(model(batch.to(device))) for batch in batches])
+            return each_batch(lambda batch: _as_features(model(batch)))
 
     head = _last_linear_module(model, batches[0][:1].to(device))
-    captured: list[torch.Tensor] = []
+    recorded: list[torch.Tensor] = []
 
     def record(module: nn.Module, args: tuple[Any, ...]) -> None:
-        captured.append(_as_features(args[0]))
+        recorded.append(_as_features(args[0]))
+
+    def hooked(batch: torch.Tensor) -> torch.Tensor:
+        model(batch)
+        features = recorded.pop()
+        recorded.clear()
+        return features
 
     handle = head.register_forward_pre_hook(record)
     try:
-        for batch in batches:
-            model(batch.to(device))
+        return each_batch(hooked)
     finally:
         handle.remove()
-    return torch.cat(captured)
 
 
 def _as_features(tensor: Any) -> torch.Tensor:

@@ -96,10 +96,23 @@ def scan(
     num_classes = loaded.num_classes
     clean = training = None
     if data_path is not None:
-        clean = load_samples(data_path, input_shape=loaded.input_shape, limits=config.data_limits)
+        # Neural Cleanse uses at most max_samples clean samples: the others are never decoded
+        clean = load_samples(
+            data_path,
+            input_shape=loaded.input_shape,
+            limits=config.data_limits,
+            max_samples=config.neural_cleanse.max_samples,
+            seed=config.seed,
+            progress=lambda fraction: progress(0.05 + 0.025 * fraction, "data", "decoding clean samples"),
+        )
         num_classes = check_samples_against_model(model, clean, num_classes=num_classes, device=device)
     if training_data_path is not None:
-        training = load_samples(training_data_path, input_shape=loaded.input_shape, limits=config.data_limits)
+        training = load_samples(
+            training_data_path,
+            input_shape=loaded.input_shape,
+            limits=config.data_limits,
+            progress=lambda fraction: progress(0.075 + 0.025 * fraction, "data", "decoding training data"),
+        )
         num_classes = check_samples_against_model(model, training, num_classes=num_classes, device=device)
     input_shape = loaded.input_shape or _shape_of(clean) or _shape_of(training)
     model_info = ModelInfo(

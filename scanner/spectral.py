@@ -83,6 +83,11 @@ MIN_CLASSES = 3
 #: Mixture fits start from hard splits at these quantiles of each direction (small tails to halves).
 _INIT_QUANTILES = (0.02, 0.1, 0.5, 0.9, 0.98)
 _EM_STEPS = 60
+_EM_STEPS_PER_PROGRESS = 10
+#: samples of one class that its mixture is fitted on, and padded rows fitted together (bounds the EM's memory:
+#: its largest tensors are inits x 2 x rows x directions float64, 20 x 2 x 20,480 x 4 x 8 B = 26 MB)
+_MAX_FIT_SAMPLES = 2048
+_FIT_ROWS = 20_480
 #: Ridge added to the components' covariance, relative to the class's mean variance per direction.
 _COMPONENT_RIDGE = 1e-3
 #: Fits whose smaller component holds less than this share of the class (or this many samples) are discarded.
@@ -155,7 +160,11 @@ class SpectralReport:
 
 
 def class_splits(
-    features: torch.Tensor, labels: torch.Tensor, *, config: SpectralConfig = SpectralConfig()
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    config: SpectralConfig = SpectralConfig(),
+    progress: Callable[[float], None] | None = None,
 ) -> list[ClassSplit]:
     """Split every class in two along its spectral signature and flag the classes whose split is an outlier.
 
@@ -166,6 +175,7 @@ def class_splits(
         features: penultimate features ``(N, D)`` of the training samples, any float dtype and device.
         labels: int64 ``(N,)`` training labels, same device.
         config: hyper-parameters (``directions``, ``shrinkage``, ``threshold``, ``max_features``).
+        progress: called with the fraction of the mixture fits done, every few EM steps (it may raise to stop).
 
     Returns:
         One split per class with at least ``MIN_CLASS_SAMPLES`` samples, by label. With fewer than
@@ -188,7 +198,7 @@ def class_splits(
     for rows in members:
         centred[rows] -= x[rows].mean(0)
     projections = _whitened_top_directions(centred, members, config)
-    fits = _fit_two_gaussians(projections)
+    fits = _fit_two_gaussians(projections, progress or (lambda fraction: None))
 
     separations = np.array([fit.separation for fit in fits])
     median = float(np.median(separations))
@@ -256,15 +266,52 @@ class _MixtureFit:
     poison_score: torch.Tensor  # (n,) 0 at the mean of component 0, 1 at the mean of component 1
 
 
-def _fit_two_gaussians(projections: list[torch.Tensor]) -> list[_MixtureFit]:
-    """Fit a two-component Gaussian mixture with a shared covariance (EM) to each class's projections, all at once.
+def _fit_two_gaussians(projections: list[torch.Tensor], progress: Callable[[float], None]) -> list[_MixtureFit]:
+    """Fit a two-component Gaussian mixture with a shared covariance (EM) to each class's projections.
 
-    Every class is fitted from several hard initial splits (quantiles of each direction); among the
-    fits whose components both reach the minimum size, the one with the highest likelihood is kept
-    (none: separation 0, nobody suspected). Classes are padded to a common length with zero weights.
+    The mixture of a class is fitted on at most ``_MAX_FIT_SAMPLES`` of its samples (a seeded subset: the fit's
+    memory and time stay bounded however large the training set is; a few thousand samples pin down two means and a
+    small covariance), ``_FIT_ROWS`` padded rows of classes at a time; every sample's posterior and poison score
+    then come from the fitted mixture.
     """
-    device, dtype = projections[0].device, projections[0].dtype
+    generator = torch.Generator().manual_seed(0)
+    subsets = [
+        p if len(p) <= _MAX_FIT_SAMPLES else p[torch.randperm(len(p), generator=generator)[:_MAX_FIT_SAMPLES]]
+        for p in projections
+    ]
+    per_chunk = max(1, _FIT_ROWS // max(len(p) for p in subsets))
     dims = max(p.shape[1] for p in projections)
+    fits: list[_MixtureFit] = []
+    for start in range(0, len(projections), per_chunk):
+        share = len(subsets[start : start + per_chunk]) / len(projections)
+
+        def on_step(fraction: float, start: int = start, share: float = share) -> None:
+            progress(start / len(projections) + share * fraction)
+
+        mixtures = _fit_mixtures(subsets[start : start + per_chunk], dims, on_step)
+        fits.extend(
+            _evaluate(mixture, projection, dims)
+            for mixture, projection in zip(mixtures, projections[start : start + per_chunk], strict=True)
+        )
+    return fits
+
+
+@dataclass(frozen=True, eq=False)
+class _Mixture:
+    """A fitted two-component mixture with a shared covariance; ``valid``: both components reached the minimum
+    size (otherwise it is the best invalid fit, whose discriminant still orders the samples)."""
+
+    means: torch.Tensor  # (2, d)
+    cov: torch.Tensor  # (d, d)
+    log_prior: torch.Tensor  # (2,)
+    valid: bool
+
+
+def _fit_mixtures(projections: list[torch.Tensor], dims: int, progress: Callable[[float], None]) -> list[_Mixture]:
+    """EM for every class at once, from several hard initial splits (quantiles of each direction); among the fits
+    whose components both reach the minimum size, the one with the highest likelihood is kept. Classes are padded to
+    a common length with zero weights and to ``dims`` columns with zeros."""
+    device, dtype = projections[0].device, projections[0].dtype
     longest = max(p.shape[0] for p in projections)
     classes = len(projections)
     z = torch.zeros(classes, longest, dims, dtype=dtype, device=device)
@@ -285,19 +332,17 @@ def _fit_two_gaussians(projections: list[torch.Tensor]) -> list[_MixtureFit]:
         cut = torch.nanquantile(column, torch.tensor(_INIT_QUANTILES, dtype=dtype, device=device), dim=1)
         initial.append((z[None, :, :, d] > cut[:, :, None]).to(dtype))
     resp = torch.cat(initial).transpose(0, 1)
-    for _ in range(_EM_STEPS):
+    for step in range(_EM_STEPS):
+        if step % _EM_STEPS_PER_PROGRESS == 0:
+            progress(step / _EM_STEPS)
         both = torch.stack([1.0 - resp, resp], dim=2) * weight[:, None, None, :]  # (K, I, 2, n)
         mass = both.sum(-1).clamp_min(1e-9)  # (K, I, 2)
         means = torch.einsum("kicn,knd->kicd", both, z) / mass[..., None]
         diff = z[:, None, None] - means[..., None, :]  # (K, I, 2, n, d)
         pooled = torch.einsum("kicn,kicnd,kicne->kide", both, diff, diff) / counts[:, None, None, None]
         cov = (pooled + ridge[:, :, 0])[:, :, None].expand(-1, -1, 2, -1, -1)
-        chol = torch.linalg.cholesky(cov)
-        solved = torch.linalg.solve_triangular(chol, diff.transpose(-1, -2), upper=False)
-        distance = (solved**2).sum(-2)  # (K, I, 2, n)
-        log_det = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
         log_prior = torch.log(mass / counts[:, None, None])
-        log_joint = log_prior[..., None] - 0.5 * (distance + log_det[..., None] + dims * math.log(2 * math.pi))
+        log_joint = _log_joint(diff, cov, log_prior)
         log_likelihood = torch.logsumexp(log_joint, dim=2)  # (K, I, n)
         resp = torch.exp(log_joint[:, :, 1] - log_likelihood)
     # A component below the minimum size is an outlier or two, not a sub-population: such fits do not count.
@@ -306,18 +351,38 @@ def _fit_two_gaussians(projections: list[torch.Tensor]) -> list[_MixtureFit]:
     total = (log_likelihood * weight[:, None]).sum(-1).masked_fill(~valid, -math.inf)
     best = total.argmax(1)  # (K,)
     pick = torch.arange(classes, device=device)
-    means, cov, resp = means[pick, best], cov[pick, best, 0], resp[pick, best]  # (K, 2, d), (K, d, d), (K, n)
-    gap = means[:, 1] - means[:, 0]
-    direction = torch.linalg.solve(cov, gap)  # (K, d): the discriminant
-    separation = torch.sqrt((gap * direction).sum(1)).clamp_min(torch.finfo(dtype).tiny)
-    along = torch.einsum("knd,kd->kn", z - means[:, None, 0], direction) / separation[:, None] ** 2
+    means, cov, log_prior = means[pick, best], cov[pick, best, 0], log_prior[pick, best]
     split = valid.any(1)
-    return [
-        _MixtureFit(separation=float(separation[k]), posterior=resp[k, : len(p)], poison_score=along[k, : len(p)])
-        if split[k]
-        else _MixtureFit(separation=0.0, posterior=torch.zeros_like(resp[k, : len(p)]), poison_score=along[k, : len(p)])
-        for k, p in enumerate(projections)
-    ]
+    return [_Mixture(means=means[k], cov=cov[k], log_prior=log_prior[k], valid=bool(split[k])) for k in range(classes)]
+
+
+def _log_joint(diff: torch.Tensor, cov: torch.Tensor, log_prior: torch.Tensor) -> torch.Tensor:
+    """``log p(component) + log N(x | mean, cov)`` from ``diff = x - mean`` (``(..., 2, n, d)``), ``cov``
+    (``(..., 2, d, d)``) and ``log_prior`` (``(..., 2)``); shape ``(..., 2, n)``."""
+    dims = diff.shape[-1]
+    chol = torch.linalg.cholesky(cov)
+    solved = torch.linalg.solve_triangular(chol, diff.transpose(-1, -2), upper=False)
+    distance = (solved**2).sum(-2)
+    log_det = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+    log_joint: torch.Tensor = log_prior[..., None] - 0.5 * (
+        distance + log_det[..., None] + dims * math.log(2 * math.pi)
+    )
+    return log_joint
+
+
+def _evaluate(mixture: _Mixture, projection: torch.Tensor, dims: int) -> _MixtureFit:
+    """Every sample's posterior of component 1 and its poison score under a class's fitted mixture."""
+    z = torch.nn.functional.pad(projection, (0, dims - projection.shape[1]))  # (n, d)
+    means = mixture.means
+    gap = means[1] - means[0]
+    direction = torch.linalg.solve(mixture.cov, gap)  # the discriminant
+    separation = torch.sqrt((gap * direction).sum()).clamp_min(torch.finfo(z.dtype).tiny)
+    poison_score = (z - means[0]) @ direction / separation**2
+    if not mixture.valid:  # no valid split: separation 0, nobody suspected
+        return _MixtureFit(separation=0.0, posterior=torch.zeros_like(poison_score), poison_score=poison_score)
+    log_joint = _log_joint(z[None] - means[:, None], mixture.cov.expand(2, -1, -1), mixture.log_prior)  # (2, n)
+    posterior = torch.exp(log_joint[1] - torch.logsumexp(log_joint, dim=0))
+    return _MixtureFit(separation=float(separation), posterior=posterior, poison_score=poison_score)
 
 
 @torch.no_grad()
@@ -396,9 +461,20 @@ def detect_poisoned_samples(
         raise ValueError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
     report = progress or (lambda fraction, message: None)
     report(0.0, "penultimate features")
-    features = penultimate_features(model, images, device=device, batch_size=config.batch_size)
+    features = penultimate_features(
+        model,
+        images,
+        device=device,
+        batch_size=config.batch_size,
+        progress=lambda fraction: report(0.6 * fraction, "penultimate features"),
+    )
     report(0.6, "spectral splits")
-    splits = class_splits(features, labels.to(features.device), config=config)
+    splits = class_splits(
+        features,
+        labels.to(features.device),
+        config=config,
+        progress=lambda fraction: report(0.6 + 0.2 * fraction, "spectral splits"),
+    )
     report(0.8, "side test")
     generator = torch.Generator().manual_seed(seed)
     labels_cpu = labels.cpu()
@@ -406,6 +482,7 @@ def detect_poisoned_samples(
     for position, split in enumerate(splits):
         if not split.flagged:
             continue
+        report(0.8 + 0.2 * position / len(splits), "side test")
         other_rows = torch.nonzero(labels_cpu != split.label).squeeze(1)
         scores = []
         for posterior in (split.posterior, 1.0 - split.posterior):

@@ -19,7 +19,7 @@ from typing import Any
 
 from scanner.errors import ScanCancelled, ScannerError
 from service.config import Settings
-from service.jobs import JobStatus, JobStore, create_db_engine, migrate
+from service.jobs import JobStatus, JobStore, Scan, create_db_engine, migrate
 from service.queue import ScanQueue
 from service.schemas import ScanOptions, scan_config
 from service.storage import ScanFiles
@@ -51,6 +51,18 @@ def artifact_urls(value: Any, base: str) -> Any:
     if isinstance(value, list):
         return [artifact_urls(item, base) for item in value]
     return value
+
+
+def _client_names(detail: str, scan: Scan, files: ScanFiles) -> str:
+    """``detail`` with the stored upload names (``data.upload``) replaced by the names the client sent."""
+    for field_name, client_name in (
+        ("model", scan.model_filename),
+        ("data", scan.data_filename),
+        ("training_data", scan.training_data_filename),
+    ):
+        if client_name:
+            detail = detail.replace(files.upload(field_name).name, client_name)
+    return detail
 
 
 class ScanExecutor:
@@ -94,6 +106,9 @@ class ScanExecutor:
         logger.info("scan started (attempt %d)", scan.attempts, extra=log)
         with self._heartbeat(scan_id, worker_id):
             status, fields = self._execute(scan_id, worker_id, scan.options, log)
+        if fields.get("error_detail"):  # the client reads about the files it sent, not our stored copies
+            files = ScanFiles(self.settings.scans_dir, scan_id)
+            fields["error_detail"] = _client_names(fields["error_detail"], scan, files)
         if self.store.finish(scan_id, worker_id, status, **fields):
             logger.info("scan %s %s", status, fields.get("verdict") or fields.get("error_code") or "", extra=log)
             if scan.callback_url and self.notify is not None:

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from scanner import data as data_module
 from scanner.architectures import build_architecture
 from scanner.config import DataLimits
 from scanner.data import (
@@ -25,6 +26,7 @@ from scanner.data import (
 )
 from scanner.errors import DataModelMismatchError, InvalidDataError, InvalidOptionError, ScannerError
 from tests.factories import encode_image, write_imagefolder_zip, write_npz, write_zip, write_zip_claiming_size
+from tests.malicious import build_many_member_zip
 
 CPU = torch.device("cpu")
 
@@ -260,7 +262,7 @@ def test_load_zip_refuses_a_high_compression_ratio(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("limits", "match"),
     [
-        (DataLimits(max_members=2), "3 members; at most 2"),
+        (DataLimits(max_members=2), "more than 2 members"),
         (DataLimits(max_member_bytes=50), "at most 50 per member"),
         (DataLimits(max_total_bytes=150), "more than 150 bytes uncompressed"),
         (DataLimits(max_samples=2), "3 samples; at most 2"),
@@ -386,9 +388,8 @@ def test_check_samples_against_model_returns_the_class_count(mnist_cnn: nn.Modul
     [
         (_samples((3, 32, 32), [0, 1]), None, r"samples of shape \(3, 32, 32\)"),
         (_samples((1, 28, 28), [0, 12]), None, "label 12 but the model has 10 classes"),
-        (_samples((1, 28, 28), [0, 1]), 5, "num_classes is 5 but the model outputs 10 logits"),
     ],
-    ids=["wrong-shape", "label-out-of-range", "num-classes"],
+    ids=["wrong-shape", "label-out-of-range"],
 )
 def test_check_samples_against_model_refuses_mismatches(
     mnist_cnn: nn.Module, samples: Samples, num_classes: int | None, match: str
@@ -396,6 +397,15 @@ def test_check_samples_against_model_refuses_mismatches(
     with pytest.raises(DataModelMismatchError, match=match) as caught:
         check_samples_against_model(mnist_cnn, samples, num_classes=num_classes, device=CPU)
     assert caught.value.code == "data_model_mismatch"
+
+
+def test_check_samples_against_model_refuses_a_num_classes_option_the_model_disagrees_with(
+    mnist_cnn: nn.Module,
+) -> None:
+    """The option is wrong, not the data: ``invalid_option``, as when loading a state_dict (issue 13)."""
+    with pytest.raises(InvalidOptionError, match="num_classes is 5 but the model outputs 10 logits") as caught:
+        check_samples_against_model(mnist_cnn, _samples((1, 28, 28), [0, 1]), num_classes=5, device=CPU)
+    assert caught.value.code == "invalid_option"
 
 
 @pytest.mark.parametrize(
@@ -409,3 +419,79 @@ def test_check_samples_against_model_refuses_mismatches(
 def test_check_samples_against_model_refuses_non_classifier_outputs(model: nn.Module, match: str) -> None:
     with pytest.raises(DataModelMismatchError, match=match):
         check_samples_against_model(model, _samples((1, 4, 4), [0, 1]), num_classes=None, device=CPU)
+
+
+# --- bounded subsets (issue 13: 199,999 clean samples sent the worker to 10.7 GB) --------------
+
+
+def test_load_npz_keeps_a_seeded_subset_in_upload_order(tmp_path: Path) -> None:
+    x, y = _pixels((50, 1, 4, 4)), np.arange(50) % 7
+    path = write_npz(tmp_path / "s.npz", x, y)
+    samples = load_samples(path, max_samples=12, seed=3)
+    assert samples.rows is not None
+    rows = samples.rows.tolist()
+    assert len(rows) == 12
+    assert rows == sorted(set(rows))
+    assert torch.equal(samples.images, torch.from_numpy(x[rows]).float() / 255)
+    assert samples.labels.tolist() == y[rows].tolist()
+    assert [samples.upload_row(i) for i in range(12)] == rows
+    assert torch.equal(load_samples(path, max_samples=12, seed=3).rows, samples.rows)  # type: ignore[arg-type]
+    assert load_samples(path, max_samples=12, seed=4).rows.tolist() != rows  # type: ignore[union-attr]
+    everything = load_samples(path, max_samples=50)
+    assert everything.rows is None
+    assert everything.upload_row(49) == 49
+
+
+def test_load_imagefolder_decodes_only_the_kept_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    x, y = _pixels((40, 1, 5, 5)), np.arange(40) % 4
+    path = write_imagefolder_zip(tmp_path / "s.zip", x, y)
+    full = load_samples(path)
+    opened: list[str] = []
+    original = data_module._open_image
+    monkeypatch.setattr(
+        data_module, "_open_image", lambda archive, info: opened.append(info.filename) or original(archive, info)
+    )
+    fractions: list[float] = []
+    subset = load_samples(path, max_samples=9, seed=1, progress=fractions.append)
+    assert subset.rows is not None
+    assert len(opened) == 9
+    assert subset.paths == tuple(full.paths[row] for row in subset.rows.tolist())  # type: ignore[index]
+    assert torch.equal(subset.images, full.images[subset.rows])
+    assert fractions == [0.0]  # one call per 256 decoded images, before the first
+
+
+def test_large_npz_peak_memory_follows_max_samples(tmp_path: Path) -> None:
+    """199,999 MNIST-sized samples, 1,000 kept: only the kept ones are converted to float (python allocations)."""
+    count = 199_999
+    rng = np.random.default_rng(0)
+    x = np.repeat(_pixels((1000, 28, 28)), 200, axis=0)[:count]
+    path = write_npz(tmp_path / "big.npz", x, rng.integers(0, 10, size=count), compressed=True)
+    del x
+    tracemalloc.start()
+    try:
+        samples = load_samples(path, max_samples=1000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert samples.images.shape == (1000, 1, 28, 28)
+    raw = count * 28 * 28  # the uint8 member is read once; float32 of every sample would be 4x that more
+    assert peak < raw + 64 * 1024**2, f"peak {peak / 1024**2:.0f} MiB"
+
+
+@pytest.mark.parametrize("declared", [None, 10])
+def test_load_zip_with_too_many_members_is_refused_before_its_directory_is_read(
+    tmp_path: Path, declared: int | None
+) -> None:
+    """650,000 empty members cost the model check 8 s and 360 MB before its limit refused them (issue 13); a sample
+    archive is counted the same cheap way, also when its end record lies about the count."""
+    path = build_many_member_zip(tmp_path / "many.zip", 120_000, declared=declared)
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        _refused(InvalidDataError, path, "more than 100000 members")
+        elapsed = time.perf_counter() - started
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert elapsed < 2.0
+    assert peak < 8 * 1024**2

@@ -75,7 +75,7 @@ def test_a_failing_evidence_is_reported_not_raised(badnets: BadNetsModel, mnist:
     wrong_size = ClassTrigger(
         target=0, mask=torch.ones(5, 5), pattern=torch.ones(1, 5, 5), mask_l1=25.0, reached_threshold=True, steps=1
     )
-    entry, pngs = _evidence(badnets.model, mnist.test_images[:20], mnist.test_labels[:20], wrong_size)
+    entry, pngs = _evidence(badnets.model, mnist.test_images[:20], mnist.test_labels[:20], wrong_size, int)
     assert entry["status"] == "error"
     assert entry["code"] == "evidence_failed"
     assert pngs == {}

@@ -296,8 +296,11 @@ def test_close_call_gets_a_confirmation_round(badnets: BadNetsModel, mnist: Mnis
         ).rounds
         == 1
     )
-    # a confirmation round that may come keeps only a fifth of the bar: one round ends at 0.8, not half-way
-    assert seen[-2][0] == pytest.approx(0.8)
+    # a confirmation round that may come keeps only a fifth of the bar: one round ends at 0.8, not half-way (of the
+    # 99% the trigger searches take; the attack success rates take the last 1%)
+    reversing = [f for f, m in seen if m.startswith("reversing")]
+    assert reversing[-1] == pytest.approx(0.8 * 0.99)
+    assert [m for _, m in seen[-11:]] == [f"attack success rates ({k})" for k in range(10)] + ["outlier test"]
     assert seen[-1] == (1.0, "outlier test")
 
 
