@@ -421,7 +421,7 @@ def _load_image_folder(
             )
         mode, size = _CHANNEL_MODES[channels], (width, height)
 
-    pixels: np.ndarray | None = None
+    images: torch.Tensor | None = None  # float32 (N, C, H, W), filled image by image: no second full-size copy
     for row, (_, info) in enumerate(entries):
         if progress is not None and row % _PROGRESS_EVERY == 0:
             progress(row / len(entries))
@@ -437,16 +437,16 @@ def _load_image_folder(
             )
         if mode is None:
             mode = "L" if image.mode in _GRAYSCALE_MODES else "RGB"
-        if pixels is None:
+        if images is None:
             channels = 1 if mode == "L" else 3
             if max(size) > MAX_SIDE:
                 raise InvalidDataError(f"{info.filename!r} is {size[0]}x{size[1]}; at most {MAX_SIDE} per side")
             _check_decoded_size(len(entries), (channels, size[1], size[0]), limits)
-            pixels = np.empty((len(entries), size[1], size[0], channels), dtype=np.uint8)
-        pixels[row] = _decode(image, mode, info.filename).reshape(pixels.shape[1:])
+            images = torch.empty((len(entries), channels, size[1], size[0]), dtype=torch.float32)
+        pixels = _decode(image, mode, info.filename).reshape(size[1], size[0], -1)
+        images[row] = torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255.0)
 
-    assert pixels is not None  # _check_count guarantees at least one image
-    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
+    assert images is not None  # _check_count guarantees at least one image
     return Samples(
         images=images,
         labels=torch.tensor([label for label, _ in entries], dtype=torch.int64),

@@ -194,9 +194,9 @@ def class_splits(
     if not analysed:
         return []
     members = [torch.nonzero(labels == k).squeeze(1) for k in analysed]
-    centred = x.clone()
+    centred = x if x is not features else x.clone()  # one float64 copy of the features, centred in place
     for rows in members:
-        centred[rows] -= x[rows].mean(0)
+        centred[rows] -= centred[rows].mean(0)
     projections = _whitened_top_directions(centred, members, config)
     fits = _fit_two_gaussians(projections, progress or (lambda fraction: None))
 
