@@ -188,13 +188,12 @@ def class_splits(
         raise ValueError(
             f"expected features (N, D) and labels (N,), got {tuple(features.shape)} and {tuple(labels.shape)}"
         )
-    x = features.detach().to(torch.float64)
+    centred = features.detach().to(torch.float64, copy=True)  # one float64 copy, centred in place below
     present, counts = torch.unique(labels, return_counts=True)
     analysed = [int(k) for k, n in zip(present.tolist(), counts.tolist(), strict=True) if n >= MIN_CLASS_SAMPLES]
     if not analysed:
         return []
     members = [torch.nonzero(labels == k).squeeze(1) for k in analysed]
-    centred = x if x is not features else x.clone()  # one float64 copy of the features, centred in place
     for rows in members:
         centred[rows] -= centred[rows].mean(0)
     projections = _whitened_top_directions(centred, members, config)
