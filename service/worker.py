@@ -31,10 +31,18 @@ logger = logging.getLogger(__name__)
 
 #: Progress is written at most this often (the cancel flag is read with it).
 PROGRESS_INTERVAL_S = 0.5
+#: How long a stopping worker waits for its running scans to reach a progress point (``serve`` waits 30 s).
+STOP_TIMEOUT_S = 20.0
 
 
 class TimeLimitExceeded(ScanCancelled):
     code = "time_limit_exceeded"
+
+
+class WorkerStopping(ScanCancelled):
+    """Raised at a progress point when the worker process is stopping: the scan unwinds and is given back."""
+
+    code = "worker_stopping"
 
 
 def artifact_urls(value: Any, base: str) -> Any:
@@ -74,6 +82,17 @@ class ScanExecutor:
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         #: called with the id of a finished scan that has a callback URL (enqueues the webhook)
         self.notify: Callable[[str], None] | None = None
+        self._stopping = threading.Event()
+        self._idle = threading.Condition()
+        self._running = 0
+
+    def stop(self, timeout_s: float) -> bool:
+        """Make running scans stop at their next progress point (they are given back, not finished) and wait up to
+        ``timeout_s`` for them to return; True when none is left. A process that exits while a scan thread is inside
+        torch aborts (``terminate called without an active exception``), so the worker waits for them first."""
+        self._stopping.set()
+        with self._idle:
+            return self._idle.wait_for(lambda: self._running == 0, timeout_s)
 
     @contextmanager
     def _heartbeat(self, scan_id: str, worker_id: str) -> Iterator[None]:
@@ -95,8 +114,18 @@ class ScanExecutor:
             thread.join()
 
     def run(self, scan_id: str) -> None:
+        with self._idle:
+            self._running += 1
+        try:
+            self._run(scan_id)
+        finally:
+            with self._idle:
+                self._running -= 1
+                self._idle.notify_all()
+
+    def _run(self, scan_id: str) -> None:
         worker_id = f"{self.worker_id}:{threading.get_ident()}"
-        if not self.store.claim(scan_id, worker_id):
+        if self._stopping.is_set() or not self.store.claim(scan_id, worker_id):
             logger.info("scan not claimable (already taken, cancelled or deleted)", extra={"scan_id": scan_id})
             return
         scan = self.store.get(scan_id)
@@ -104,8 +133,12 @@ class ScanExecutor:
             return
         log = {"scan_id": scan_id, "sha256": scan.model_sha256}
         logger.info("scan started (attempt %d)", scan.attempts, extra=log)
-        with self._heartbeat(scan_id, worker_id):
-            status, fields = self._execute(scan_id, worker_id, scan.options, log)
+        try:
+            with self._heartbeat(scan_id, worker_id):
+                status, fields = self._execute(scan_id, worker_id, scan.options, log)
+        except WorkerStopping:  # the row stays this worker's: run_worker gives it back once every scan returned
+            logger.info("scan interrupted: the worker is stopping", extra=log)
+            return
         if fields.get("error_detail"):  # the client reads about the files it sent, not our stored copies
             files = ScanFiles(self.settings.scans_dir, scan_id)
             fields["error_detail"] = _client_names(fields["error_detail"], scan, files)
@@ -129,6 +162,8 @@ class ScanExecutor:
 
         def progress(fraction: float, stage: str, message: str) -> None:
             nonlocal last_write
+            if self._stopping.is_set():
+                raise WorkerStopping("the worker is stopping")
             now = time.monotonic()
             if now > deadline:
                 raise TimeLimitExceeded(f"the scan ran past its time limit of {self.settings.scan_time_limit_s:g} s")
@@ -155,6 +190,8 @@ class ScanExecutor:
             names = [path.name for path in write_artifacts(verdict, files.artifacts)]
             result["artifacts"] = {name: f"/v1/scans/{scan_id}/artifacts/{name}" for name in names}
             return JobStatus.succeeded, {"result": result, "verdict": verdict.label.value}
+        except WorkerStopping:
+            raise
         except TimeLimitExceeded as exc:
             return JobStatus.failed, {"error_code": exc.code, "error_detail": exc.detail}
         except ScanCancelled as exc:
@@ -257,6 +294,8 @@ def run_worker(settings: Settings) -> None:
     try:
         consumer.run()
     finally:
+        if not executor.stop(timeout_s=STOP_TIMEOUT_S):
+            logger.warning("a scan did not reach a progress point within %g s of the stop", STOP_TIMEOUT_S)
         reaper.stop()
         for scan_id in store.worker_gone(executor.worker_id):
             logger.info("re-queued the scan this worker was running", extra={"scan_id": scan_id})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import signal
 import time
 from collections.abc import Callable
@@ -65,6 +67,16 @@ def test_backdoored_and_clean_models_get_the_right_verdicts(
         assert "bds_scan_duration_seconds_count 2.0" in metrics
 
 
+def messages_in(log: Path) -> list[str]:
+    """The messages of the JSON log lines in a log file."""
+    found = []
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            with contextlib.suppress(json.JSONDecodeError):
+                found.append(str(json.loads(line).get("message")))
+    return found
+
+
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_restart_mid_queue_loses_nothing(
     make_server: Callable[..., Server], service_files: dict[str, Path], how: int
@@ -80,9 +92,17 @@ def test_restart_mid_queue_loses_nothing(
         ]
         wait_for(client, running["id"], until=("running",))
         time.sleep(1.0)
+    first_log = server.log_path
+    assert first_log is not None
     server.stop(how)
-    if how == signal.SIGKILL:  # the worker child gets SIGTERM from the kernel when its parent dies
-        time.sleep(2)
+    # the worker (its output goes to serve's log) stops its scan at a progress point, gives it back and exits; with
+    # SIGKILL it gets SIGTERM from the kernel when its parent dies. Issue 13: it used to exit while the scan thread
+    # was inside torch, and aborted ("terminate called without an active exception")
+    deadline = time.monotonic() + 30
+    while "stopped" not in " ".join(messages_in(first_log)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "scan interrupted: the worker is stopping" in messages_in(first_log)
+    assert "terminate called" not in first_log.read_text(errors="replace")
 
     server.start()
     with server.client() as client:
