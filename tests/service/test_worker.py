@@ -287,3 +287,18 @@ def test_serve_does_not_restart_a_worker_that_refuses_its_device(make_server: Ca
     assert log.count("refused to start") == 1, log
     with server.client() as client:
         assert client.get("/readyz").status_code == 503  # no worker beats
+
+
+def test_data_errors_name_the_clients_file(
+    settings: Settings, store: JobStore, service_files: dict[str, Path], tmp_path: Path
+) -> None:
+    """Issue 13: a worker-side data error named the stored copy (``data.upload: expected an .npz...``)."""
+    sent = tmp_path / "my-samples.npz"
+    sent.write_bytes(b"not a zip archive")
+    scan_id = add_scan(settings, store, {"model": service_files["tiny"], "data": sent}, {"arch": "mnist_cnn"})
+    ScanExecutor(settings, store).run(scan_id)
+    scan = store.get(scan_id)
+    assert scan is not None
+    assert (scan.status, scan.error_code) == ("failed", "invalid_data")
+    assert "my-samples.npz" in (scan.error_detail or "")
+    assert ".upload" not in (scan.error_detail or "")

@@ -17,7 +17,7 @@ from tests.service.conftest import Server, submit, wait_for
 
 SAMPLES = 199_999
 #: The documented worker budget for this upload (README, "Memory"): 199,999 MNIST samples as float32 are 627 MB;
-#: bench/worker_budget.py measured 2.4 GB at the peak.
+#: bench/worker_budget.py measured 2.6 GB at the peak.
 WORKER_BUDGET_MB = 3_500
 
 
