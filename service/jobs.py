@@ -57,6 +57,7 @@ class JobStatus(StrEnum):
 
 
 FINISHED = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+_INSERT_TRIES = 3
 #: A scan in these states answers a repeated upload (one that failed or was cancelled does not).
 REUSABLE = (JobStatus.queued, JobStatus.running, JobStatus.succeeded)
 #: The rows of the unique index over ``dedup_key`` (migration 0003): at most one reusable scan per upload.
@@ -295,7 +296,20 @@ class JobStore:
     def create(self, new: NewScan) -> tuple[Scan, bool]:
         """Insert a queued scan; returns ``(scan, created)``. An insert that loses to a concurrent one, with the
         same idempotency key or of the same upload while the other is reusable (a unique index), gets the
-        winner's scan back: the one its idempotency key names, else the reusable scan of the upload."""
+        winner's scan back: the one its idempotency key names, else the reusable scan of the upload. A winner that
+        stopped being reusable (cancelled, failed, deleted) before it could be looked up leaves the way free: the
+        insert is tried again."""
+        for _ in range(_INSERT_TRIES - 1):
+            try:
+                return self._insert(new), True
+            except IntegrityError:
+                existing = None if new.idempotency_key is None else self.by_idempotency_key(new.idempotency_key)
+                existing = existing or self.reusable(new.dedup_key)
+                if existing is not None:
+                    return existing, False
+        return self._insert(new), True
+
+    def _insert(self, new: NewScan) -> Scan:
         now = utcnow()
         scan = Scan(
             id=new.id,
@@ -323,16 +337,9 @@ class JobStore:
             callback_url=new.callback_url,
             webhook_attempts=0,
         )
-        try:
-            with self._session() as session:
-                session.add(scan)
-        except IntegrityError:
-            existing = None if new.idempotency_key is None else self.by_idempotency_key(new.idempotency_key)
-            existing = existing or self.reusable(new.dedup_key)
-            if existing is None:
-                raise
-            return existing, False
-        return scan, True
+        with self._session() as session:
+            session.add(scan)
+        return scan
 
     def get(self, scan_id: str) -> Scan | None:
         with self._session() as session:

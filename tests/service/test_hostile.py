@@ -107,6 +107,36 @@ def test_job_table_keeps_one_live_scan_per_upload(tmp_path: Path, with_keys: boo
         engine.dispose()
 
 
+def test_a_winner_cancelled_before_the_lookup_leaves_the_way_free(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loser's insert hits the unique index, but the winner is cancelled before the loser looks it up: the loser
+    inserts again and gets a scan (it used to re-raise the IntegrityError: a 500)."""
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'jobs.sqlite3'}")
+    try:
+        migrate(engine)
+        store = JobStore(engine)
+        winner, created = store.create(a_scan())
+        assert created
+        lookup = store.reusable
+        raced: list[str] = []
+
+        def cancelled_first(dedup_key: str) -> Scan | None:
+            if not raced:
+                raced.append(dedup_key)
+                store.request_cancel(winner.id)
+            return lookup(dedup_key)
+
+        monkeypatch.setattr(store, "reusable", cancelled_first)
+        loser, created = store.create(a_scan())
+        assert created
+        assert raced
+        assert loser.id != winner.id
+        assert store.get(winner.id).status == JobStatus.cancelled  # type: ignore[union-attr]
+    finally:
+        engine.dispose()
+
+
 def test_a_failed_or_cancelled_scan_does_not_block_a_new_one(tmp_path: Path) -> None:
     engine = create_db_engine(f"sqlite:///{tmp_path / 'jobs.sqlite3'}")
     try:
