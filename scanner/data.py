@@ -20,6 +20,7 @@ Detectors work in [0, 1] pixel space; a model trained on normalised inputs is wr
 
 from __future__ import annotations
 
+import functools
 import io
 import lzma
 import math
@@ -39,6 +40,7 @@ from torch import nn
 from scanner.config import MAX_SIDE, DataLimits
 from scanner.errors import DataModelMismatchError, InvalidDataError, InvalidOptionError
 from scanner.model_file import zip_member_count
+from scanner.stats import seeded_subset
 
 __all__ = [
     "NormalizedClassifier",
@@ -182,7 +184,7 @@ def load_samples(
         ) from error
     with archive:
         members = _checked_members(archive, limits)
-        keep = _Keep(max_samples, seed)
+        keep = functools.partial(_kept_rows, max_samples=max_samples, seed=seed)
         if members and all(_is_npy_member(info) for info in members):
             return _load_npz(archive, members, input_shape=input_shape, limits=limits, keep=keep)
         return _load_image_folder(
@@ -190,18 +192,10 @@ def load_samples(
         )
 
 
-@dataclass(frozen=True)
-class _Keep:
-    """Which samples of an upload to keep: a seeded random subset of at most ``limit``, in upload order."""
-
-    limit: int | None
-    seed: int
-
-    def rows(self, count: int) -> torch.Tensor | None:
-        if self.limit is None or count <= self.limit:
-            return None
-        chosen = torch.randperm(count, generator=torch.Generator().manual_seed(self.seed))[: self.limit]
-        return chosen.sort().values
+def _kept_rows(count: int, max_samples: int | None, seed: int) -> torch.Tensor | None:
+    """The rows of an upload to keep, in upload order: a seeded random subset of ``max_samples`` (``None``: all)."""
+    rows = None if max_samples is None else seeded_subset(count, max_samples, seed)
+    return None if rows is None else rows.sort().values
 
 
 # --- archive checks ---------------------------------------------------------------------------
@@ -318,7 +312,7 @@ def _load_npz(
     *,
     input_shape: tuple[int, int, int] | None,
     limits: DataLimits,
-    keep: _Keep,
+    keep: Callable[[int], torch.Tensor | None],
 ) -> Samples:
     by_key = {info.filename.removesuffix(".npy"): info for info in members}
     missing = [key for key in ("x", "y") if key not in by_key]
@@ -353,7 +347,7 @@ def _load_npz(
     if y.max() > np.iinfo(np.int64).max:
         raise InvalidDataError(f"'y' labels must fit in int64; found {y.max()}")
 
-    rows = keep.rows(count)
+    rows = keep(count)
     if rows is not None:
         x, y, count = x[rows.numpy()], y[rows.numpy()], len(rows)
     if x.dtype == np.uint8:
@@ -399,7 +393,7 @@ def _load_image_folder(
     *,
     input_shape: tuple[int, int, int] | None,
     limits: DataLimits,
-    keep: _Keep,
+    keep: Callable[[int], torch.Tensor | None],
     progress: LoadProgress | None,
 ) -> Samples:
     files = _image_files(members)
@@ -407,7 +401,7 @@ def _load_image_folder(
     labels, class_names = _class_indices([folder for folder, _ in files])
     members_of_files = (info for _, info in files)
     entries = sorted(zip(labels, members_of_files, strict=True), key=lambda entry: (entry[0], entry[1].filename))
-    rows = keep.rows(len(entries))
+    rows = keep(len(entries))
     if rows is not None:
         entries = [entries[row] for row in rows.tolist()]
 

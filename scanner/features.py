@@ -87,7 +87,7 @@ def penultimate_features(
                 features = found.new_empty((len(images), found.shape[1]))
             features[start : start + len(found)] = found
             start += len(found)
-            del found
+            del found  # not kept through the next forward: no small block left between its large ones
         assert features is not None  # there is at least one batch
         return features
 

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from scanner.attacks import Trigger, attack_success_rate
 from scanner.config import NeuralCleanseConfig
 from scanner.errors import TooFewClassesError
-from scanner.stats import anomaly_index, null_max_index_quantile, small_outliers
+from scanner.stats import anomaly_index, null_max_index_quantile, seeded_subset, small_outliers
 
 __all__ = [
     "ClassTrigger",
@@ -383,13 +383,6 @@ def _channels_last_copy(model: nn.Module) -> nn.Module:
         return model
 
 
-def _subset_rows(count: int, limit: int, seed: int) -> Tensor | None:
-    """Rows of a seeded random subset of ``limit`` out of ``count`` (``None``: keep all ``count`` rows)."""
-    if count <= limit:
-        return None
-    return torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:limit]
-
-
 def _reverse_all(
     model: nn.Module,
     images: Tensor,
@@ -399,7 +392,7 @@ def _reverse_all(
     seed: int,
     progress: StepProgress | None,
 ) -> list[ClassTrigger]:
-    keep = _subset_rows(images.shape[0], config.max_samples, seed)
+    keep = seeded_subset(images.shape[0], config.max_samples, seed)
     if keep is not None:
         images = images[keep.to(images.device)]
     chunk = config.classes_per_chunk()
@@ -515,7 +508,7 @@ def neural_cleanse(
     started = time.perf_counter()
     # one seeded subset of at most max_samples serves the trigger search and the attack success rates, so the
     # memory and time of the whole detector are bounded whatever the number of uploaded samples
-    keep = _subset_rows(images.shape[0], config.max_samples, seed)
+    keep = seeded_subset(images.shape[0], config.max_samples, seed)
     if keep is not None:
         images, labels = images[keep.to(images.device)], labels[keep.to(labels.device)]
     most_rounds = config.restarts + config.confirm_rounds

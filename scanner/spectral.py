@@ -60,6 +60,7 @@ from torch import nn
 
 from scanner.config import SpectralConfig
 from scanner.features import penultimate_features
+from scanner.stats import seeded_subset
 from scanner.verdict import DetectorResult, DetectorStatus
 
 if TYPE_CHECKING:
@@ -273,11 +274,8 @@ def _fit_two_gaussians(projections: list[torch.Tensor], progress: Callable[[floa
     small covariance), ``_FIT_ROWS`` padded rows of classes at a time; every sample's posterior and poison score
     then come from the fitted mixture.
     """
-    generator = torch.Generator().manual_seed(0)
-    subsets = [
-        p if len(p) <= _MAX_FIT_SAMPLES else p[torch.randperm(len(p), generator=generator)[:_MAX_FIT_SAMPLES]]
-        for p in projections
-    ]
+    kept = [seeded_subset(len(p), _MAX_FIT_SAMPLES, seed=k) for k, p in enumerate(projections)]
+    subsets = [p if rows is None else p[rows.to(p.device)] for p, rows in zip(projections, kept, strict=True)]
     per_chunk = max(1, _FIT_ROWS // max(len(p) for p in subsets))
     dims = max(p.shape[1] for p in projections)
     fits: list[_MixtureFit] = []

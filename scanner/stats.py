@@ -7,8 +7,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
+import torch
 
-__all__ = ["MAD_CONSISTENCY", "anomaly_index", "null_max_index_quantile", "small_outliers"]
+__all__ = ["MAD_CONSISTENCY", "anomaly_index", "null_max_index_quantile", "seeded_subset", "small_outliers"]
 
 #: Makes the median absolute deviation a consistent estimator of the standard deviation for normal data.
 MAD_CONSISTENCY = 1.4826
@@ -79,3 +80,11 @@ def null_max_index_quantile(count: int, false_positive_rate: float, simulations:
     mad = MAD_CONSISTENCY * np.median(np.abs(values - median), axis=1, keepdims=True)
     largest = np.where(values < median, (median - values) / mad, 0.0).max(axis=1)
     return float(np.quantile(largest, 1.0 - false_positive_rate))
+
+
+def seeded_subset(count: int, limit: int, seed: int) -> torch.Tensor | None:
+    """Rows ``(limit,)`` of a seeded random subset of ``count`` items, in random order; ``None`` when
+    ``count <= limit`` (keep them all). Drawn on the CPU, so the same on every device."""
+    if count <= limit:
+        return None
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:limit]

@@ -125,7 +125,10 @@ class ScanExecutor:
 
     def _run(self, scan_id: str) -> None:
         worker_id = f"{self.worker_id}:{threading.get_ident()}"
-        if self._stopping.is_set() or not self.store.claim(scan_id, worker_id):
+        if self._stopping.is_set():  # it stays queued: the reaper of a live worker enqueues it again
+            logger.info("scan not started: the worker is stopping", extra={"scan_id": scan_id})
+            return
+        if not self.store.claim(scan_id, worker_id):
             logger.info("scan not claimable (already taken, cancelled or deleted)", extra={"scan_id": scan_id})
             return
         scan = self.store.get(scan_id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
@@ -39,6 +39,17 @@ def racing_creates(store: JobStore, new: NewScan, keys: list[str | None]) -> lis
 
     with ThreadPoolExecutor(len(keys)) as pool:
         return list(pool.map(create, keys))
+
+
+@pytest.fixture
+def sqlite_store(tmp_path: Path) -> Iterator[JobStore]:
+    """A job table on a fresh SQLite database, migrated."""
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'jobs.sqlite3'}")
+    try:
+        migrate(engine)
+        yield JobStore(engine)
+    finally:
+        engine.dispose()
 
 
 def a_scan(dedup_key: str = "d" * 64) -> NewScan:
@@ -92,70 +103,52 @@ def test_identical_uploads_released_together_make_one_scan(
 
 
 @pytest.mark.parametrize("with_keys", [False, True], ids=["no-idempotency-key", "distinct-idempotency-keys"])
-def test_job_table_keeps_one_live_scan_per_upload(tmp_path: Path, with_keys: bool) -> None:
+def test_job_table_keeps_one_live_scan_per_upload(sqlite_store: JobStore, with_keys: bool) -> None:
     """The job table itself refuses a second live scan of the same upload; the loser gets the winner's scan."""
-    engine = create_db_engine(f"sqlite:///{tmp_path / 'jobs.sqlite3'}")
-    try:
-        migrate(engine)
-        store = JobStore(engine)
-        keys: list[str | None] = [f"key-{i}" if with_keys else None for i in range(RACERS)]
-        outcomes = racing_creates(store, a_scan(), keys)
-        assert len({scan_id for scan_id, _ in outcomes}) == 1
-        assert sorted(created for _, created in outcomes) == [False] * (RACERS - 1) + [True]
-        assert store.list_scans(None, 50, 0)[1] == 1
-    finally:
-        engine.dispose()
+    keys: list[str | None] = [f"key-{i}" if with_keys else None for i in range(RACERS)]
+    outcomes = racing_creates(sqlite_store, a_scan(), keys)
+    assert len({scan_id for scan_id, _ in outcomes}) == 1
+    assert sorted(created for _, created in outcomes) == [False] * (RACERS - 1) + [True]
+    assert sqlite_store.list_scans(None, 50, 0)[1] == 1
 
 
 def test_a_winner_cancelled_before_the_lookup_leaves_the_way_free(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    sqlite_store: JobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The loser's insert hits the unique index, but the winner is cancelled before the loser looks it up: the loser
     inserts again and gets a scan (it used to re-raise the IntegrityError: a 500)."""
-    engine = create_db_engine(f"sqlite:///{tmp_path / 'jobs.sqlite3'}")
-    try:
-        migrate(engine)
-        store = JobStore(engine)
-        winner, created = store.create(a_scan())
-        assert created
-        lookup = store.reusable
-        raced: list[str] = []
+    winner, created = sqlite_store.create(a_scan())
+    assert created
+    lookup = sqlite_store.reusable
+    raced: list[str] = []
 
-        def cancelled_first(dedup_key: str) -> Scan | None:
-            if not raced:
-                raced.append(dedup_key)
-                store.request_cancel(winner.id)
-            return lookup(dedup_key)
+    def cancelled_first(dedup_key: str) -> Scan | None:
+        if not raced:
+            raced.append(dedup_key)
+            sqlite_store.request_cancel(winner.id)
+        return lookup(dedup_key)
 
-        monkeypatch.setattr(store, "reusable", cancelled_first)
-        loser, created = store.create(a_scan())
-        assert created
-        assert raced
-        assert loser.id != winner.id
-        assert store.get(winner.id).status == JobStatus.cancelled  # type: ignore[union-attr]
-    finally:
-        engine.dispose()
+    monkeypatch.setattr(sqlite_store, "reusable", cancelled_first)
+    loser, created = sqlite_store.create(a_scan())
+    assert created
+    assert raced
+    assert loser.id != winner.id
+    assert sqlite_store.get(winner.id).status == JobStatus.cancelled  # type: ignore[union-attr]
 
 
-def test_a_failed_or_cancelled_scan_does_not_block_a_new_one(tmp_path: Path) -> None:
-    engine = create_db_engine(f"sqlite:///{tmp_path / 'jobs.sqlite3'}")
-    try:
-        migrate(engine)
-        store = JobStore(engine)
-        first, created = store.create(a_scan())
-        assert created
-        store.request_cancel(first.id)
-        second, created = store.create(a_scan())
-        assert created
-        assert second.id != first.id
-        assert store.claim(second.id, "w:1:1")
-        assert store.finish(second.id, "w:1:1", JobStatus.failed, error_code="internal_error", error_detail="x")
-        third, created = store.create(a_scan())
-        assert created
-        again, created = store.create(a_scan())
-        assert (again.id, created) == (third.id, False)
-    finally:
-        engine.dispose()
+def test_a_failed_or_cancelled_scan_does_not_block_a_new_one(sqlite_store: JobStore) -> None:
+    first, created = sqlite_store.create(a_scan())
+    assert created
+    sqlite_store.request_cancel(first.id)
+    second, created = sqlite_store.create(a_scan())
+    assert created
+    assert second.id != first.id
+    assert sqlite_store.claim(second.id, "w:1:1")
+    assert sqlite_store.finish(second.id, "w:1:1", JobStatus.failed, error_code="internal_error", error_detail="x")
+    third, created = sqlite_store.create(a_scan())
+    assert created
+    again, created = sqlite_store.create(a_scan())
+    assert (again.id, created) == (third.id, False)
 
 
 def upgrade_to(engine: Engine, revision: str) -> None:
