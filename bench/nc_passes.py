@@ -29,8 +29,8 @@ from neural_cleanse import ZOO, trained  # the main bench's zoo (bench/ is on sy
 from torch.profiler import ProfilerActivity, profile
 
 from scanner.config import NeuralCleanseConfig
-from scanner.datasets import load_mnist_split
 from scanner.neural_cleanse import reverse_engineer_triggers
+from scanner.testing.mnist import load_mnist_split
 
 STEPS = 60
 CLASSES = 10

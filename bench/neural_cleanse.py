@@ -31,13 +31,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from scanner.architectures import build_architecture
-from scanner.attacks import Trigger, attack_success_rate, blend_trigger, patch_trigger, poison_dataset
 from scanner.config import NeuralCleanseConfig
-from scanner.datasets import MnistSplit, load_mnist_split
 from scanner.errors import InvalidOptionError
+from scanner.loading.architectures import build_architecture
 from scanner.neural_cleanse import NeuralCleanseResult, neural_cleanse
-from scanner.training import accuracy, train_mnist_cnn
+from scanner.testing.attacks import blend_trigger, patch_trigger, poison_dataset
+from scanner.testing.mnist import MnistSplit, load_mnist_split
+from scanner.testing.training import accuracy, train_mnist_cnn
+from scanner.trigger import Trigger, attack_success_rate
 
 CPU = torch.device("cpu")
 CACHE = Path(__file__).resolve().parent.parent / ".bench-cache"

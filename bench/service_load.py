@@ -84,9 +84,10 @@ def prepare(samples: int) -> tuple[Path, Path]:
     # torch only here: the spawned probe and upload processes re-import this module and must stay light
     import torch
 
-    from scanner.attacks import BadNetsRecipe, attack_success_rate
-    from scanner.datasets import load_mnist_split
-    from scanner.training import accuracy, train_mnist_cnn
+    from scanner.testing.attacks import BadNetsRecipe
+    from scanner.testing.mnist import load_mnist_split
+    from scanner.testing.training import accuracy, train_mnist_cnn
+    from scanner.trigger import attack_success_rate
 
     CACHE.mkdir(parents=True, exist_ok=True)
     split = load_mnist_split(test_fraction=0.2, seed=0)

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from scanner.architectures import build_architecture
+from scanner.loading.architectures import build_architecture
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -110,8 +110,8 @@ def _training_code_hash() -> str:
 
 def build_case(case: Case, split: Any) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, np.ndarray]:
     """The trained model (cached), training images, training labels and poisoned row indices of ``case``."""
-    from scanner.attacks import BadNetsRecipe
-    from scanner.training import train_mnist_cnn
+    from scanner.testing.attacks import BadNetsRecipe
+    from scanner.testing.training import train_mnist_cnn
 
     images, labels = split.train_images, split.train_labels
     poisoned = np.empty(0, dtype=np.int64)
@@ -131,8 +131,9 @@ def build_case(case: Case, split: Any) -> tuple[torch.nn.Module, torch.Tensor, t
 
 def model_quality(case: Case, model: torch.nn.Module, split: Any) -> tuple[float, float | None]:
     """Clean test accuracy and, for poisoned cases, the attack success rate on the test split."""
-    from scanner.attacks import attack_success_rate, patch_trigger
-    from scanner.training import accuracy
+    from scanner.testing.attacks import patch_trigger
+    from scanner.testing.training import accuracy
+    from scanner.trigger import attack_success_rate
 
     clean = accuracy(model, split.test_images, split.test_labels, device=CPU)
     if case.rate == 0:
@@ -338,7 +339,7 @@ def main() -> None:
         art_worker(args.art_worker)
         return
 
-    from scanner.datasets import load_mnist_split
+    from scanner.testing.mnist import load_mnist_split
 
     split = load_mnist_split(test_fraction=0.2, seed=0)
     cases = [Case(seed, rate, seed % NUM_CLASSES) for seed in args.seeds for rate in [0.0, *args.rates]]

@@ -54,7 +54,7 @@ def peak_mb(pid: int) -> float:
 def large_samples() -> Path:
     path = CACHE / f"mnist-{SAMPLES}.npz"
     if not path.exists():
-        from scanner.datasets import load_mnist_subset
+        from scanner.testing.mnist import load_mnist_subset
 
         images, labels = load_mnist_subset()
         repeats = -(-SAMPLES // len(images))

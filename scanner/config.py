@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from scanner.errors import InvalidOptionError
 from scanner.verdict import BACKDOOR_DETECTORS
 
-__all__ = ["DataLimits", "ModelOptions", "NeuralCleanseConfig", "ScanConfig", "SpectralConfig"]
+__all__ = [
+    "DataLimits",
+    "ModelOptions",
+    "NeuralCleanseConfig",
+    "ScanConfig",
+    "SpectralConfig",
+    "check_normalization",
+]
 
 MAX_CLASSES = 100_000
 MAX_SIDE = 4096
@@ -19,6 +27,29 @@ MAX_CHANNELS = 16
 MAX_ABS_MEAN = 1e3
 MIN_STD = 1e-6
 MAX_STD = 1e3
+
+
+def check_normalization(mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
+    """The one check of the normalisation options (API, CLI and the model wrapper all rely on it).
+
+    Both or neither; the same non-zero length; every mean finite and within ``MAX_ABS_MEAN``; every std finite and
+    in ``[MIN_STD, MAX_STD]``.
+
+    Raises:
+        InvalidOptionError: any of these fails.
+    """
+    if (mean is None) != (std is None):
+        raise InvalidOptionError("mean and std must be given together")
+    if mean is None or std is None:
+        return
+    if len(mean) != len(std):
+        raise InvalidOptionError(f"mean has {len(mean)} values but std has {len(std)}")
+    if not mean:
+        raise InvalidOptionError("mean and std need at least one value")
+    if not all(math.isfinite(m) and abs(m) <= MAX_ABS_MEAN for m in mean):
+        raise InvalidOptionError(f"mean values must be finite and within +-{MAX_ABS_MEAN:g}, got {tuple(mean)}")
+    if not all(math.isfinite(s) and MIN_STD <= s <= MAX_STD for s in std):
+        raise InvalidOptionError(f"std values must be finite and in [{MIN_STD:g}, {MAX_STD:g}], got {tuple(std)}")
 
 
 @dataclass(frozen=True)
@@ -63,19 +94,11 @@ class ModelOptions:
                 raise InvalidOptionError(
                     f"input_shape {self.input_shape} out of range: C in [1, {MAX_CHANNELS}], H and W in [1, {MAX_SIDE}]"
                 )
-        if (self.mean is None) != (self.std is None):
-            raise InvalidOptionError("mean and std must be given together")
-        if self.mean is not None and self.std is not None:
-            if len(self.mean) != len(self.std):
-                raise InvalidOptionError(f"mean has {len(self.mean)} values but std has {len(self.std)}")
-            if not all(math.isfinite(m) and abs(m) <= MAX_ABS_MEAN for m in self.mean):
-                raise InvalidOptionError(f"mean values must be finite and within +-{MAX_ABS_MEAN:g}, got {self.mean}")
-            if not all(math.isfinite(s) and MIN_STD <= s <= MAX_STD for s in self.std):
-                raise InvalidOptionError(f"std values must be finite and in [{MIN_STD:g}, {MAX_STD:g}], got {self.std}")
-            if self.input_shape is not None and len(self.mean) not in (1, self.input_shape[0]):
-                raise InvalidOptionError(
-                    f"mean/std have {len(self.mean)} values but input_shape has {self.input_shape[0]} channels"
-                )
+        check_normalization(self.mean, self.std)
+        if self.mean is not None and self.input_shape is not None and len(self.mean) not in (1, self.input_shape[0]):
+            raise InvalidOptionError(
+                f"mean/std have {len(self.mean)} values but input_shape has {self.input_shape[0]} channels"
+            )
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from scanner.model_file import ModelFileReport
+    from scanner.loading.types import ModelFileReport
 
 __all__ = [
     "AllowlistUnavailableError",
@@ -73,7 +73,7 @@ class CorruptFileError(ScannerError):
 class UnsafeFileError(ScannerError):
     """A pickle inside the file would import globals outside the weights-only allowlist.
 
-    ``report`` is the :class:`scanner.model_file.ModelFileReport` that names the findings.
+    ``report`` is the :class:`scanner.loading.types.ModelFileReport` that names the findings.
     """
 
     code = "unsafe_file"

@@ -25,10 +25,10 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor, nn
 
-from scanner.attacks import Trigger
+from scanner.classifier import predict
 from scanner.errors import GradCamUnavailableError
 from scanner.gradcam import GradCam, grad_cam, heat_fraction_inside
-from scanner.training import predict
+from scanner.trigger import Trigger
 
 __all__ = ["TriggerEvidence", "evidence_pngs", "trigger_evidence"]
 

@@ -16,18 +16,16 @@ head. Two kinds of model reach the scanner:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import fx, nn
 
 from scanner.errors import FeatureExtractionError
+from scanner.layers import graph_cut, last_graph_node, require_last_module, submodule_replaced
 
-M = TypeVar("M", bound=nn.Module)
-
-__all__ = ["FeatureExtractionError", "last_module_run", "penultimate_features"]
+__all__ = ["penultimate_features"]
 
 #: ATen ops that implement a linear layer in an exported graph, and the argument that is the layer's input.
 _LINEAR_OPS: dict[Any, int] = {
@@ -91,16 +89,25 @@ def penultimate_features(
         assert features is not None  # there is at least one batch
         return features
 
-    exported = _exported_graph(model)
+    exported = last_graph_node(model, lambda node: node.target in _LINEAR_OPS)
     if exported is not None:
         name, graph_module, head_node = exported
-        cut = _graph_cut(graph_module, head_node)
+        head_input = head_node.args[_LINEAR_OPS[head_node.target]]
+        if not isinstance(head_input, fx.Node):
+            raise FeatureExtractionError(f"the input of the last linear node {head_node.name} is not a graph value")
+        cut = graph_cut(graph_module, head_input)
         if not name:
             return each_batch(lambda batch: _as_features(cut(batch)))
-        with _submodule_replaced(model, name, cut):
+        with submodule_replaced(model, name, cut):
             return each_batch(lambda batch: _as_features(model(batch)))
 
-    head = _last_linear_module(model, batches[0][:1].to(device))
+    _, head = require_last_module(
+        model,
+        batches[0][:1].to(device),
+        nn.Linear,
+        FeatureExtractionError,
+        "penultimate features need a linear classification head",
+    )
     recorded: list[torch.Tensor] = []
 
     def record(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -124,107 +131,3 @@ def _as_features(tensor: Any) -> torch.Tensor:
         shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
         raise FeatureExtractionError(f"the last linear layer's input must be (batch, features), got {shape}")
     return tensor.detach().float()
-
-
-def last_module_run(model: nn.Module, probe: torch.Tensor, kind: type[M]) -> tuple[str, M] | None:
-    """The module of type ``kind`` that runs last in a forward pass on ``probe`` (one image is enough), with its
-    qualified name; ``None`` when none of them ran."""
-    names = {id(module): name for name, module in model.named_modules() if isinstance(module, kind)}
-    order: list[nn.Module] = []
-    handles = [
-        module.register_forward_pre_hook(lambda layer, args: order.append(layer))
-        for module in model.modules()
-        if id(module) in names
-    ]
-    try:
-        with torch.no_grad():
-            model(probe)
-    finally:
-        for handle in handles:
-            handle.remove()
-    if not order:
-        return None
-    last = order[-1]
-    assert isinstance(last, kind)
-    return names[id(last)], last
-
-
-def _last_linear_module(model: nn.Module, probe: torch.Tensor) -> nn.Linear:
-    """The ``nn.Linear`` that runs last in a forward pass on ``probe``."""
-    if not any(isinstance(module, nn.Linear) for module in model.modules()):
-        raise FeatureExtractionError(
-            f"{type(model).__name__} has no nn.Linear layer and no torch.export graph: "
-            "penultimate features need a linear classification head"
-        )
-    found = last_module_run(model, probe, nn.Linear)
-    if found is None:
-        raise FeatureExtractionError("no nn.Linear layer ran in a forward pass; the classification head is not linear")
-    return found[1]
-
-
-def _exported_graph(model: nn.Module) -> tuple[str, fx.GraphModule, fx.Node] | None:
-    """The graph module of a ``torch.export`` program inside ``model`` and its last linear node, if any.
-
-    Returns:
-        ``(qualified name, graph module, head node)``; the name is ``""`` when ``model`` is the graph module.
-    """
-    for name, module in model.named_modules():
-        if isinstance(module, fx.GraphModule):
-            head = _last_linear_node(module.graph)
-            if head is not None:
-                return name, module, head
-    return None
-
-
-def _last_linear_node(graph: fx.Graph) -> fx.Node | None:
-    """The last linear node (in execution order) that the graph's output depends on."""
-    needed = _ancestors(graph.output_node())
-    candidates = [node for node in graph.nodes if node in needed and node.target in _LINEAR_OPS]
-    return candidates[-1] if candidates else None
-
-
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = list(node.all_input_nodes)
-    while stack:
-        current = stack.pop()
-        if current not in seen:
-            seen.add(current)
-            stack.extend(current.all_input_nodes)
-    return seen
-
-
-def _graph_cut(module: fx.GraphModule, head: fx.Node) -> fx.GraphModule:
-    """A graph module with the same inputs as ``module`` that returns the input of ``head``.
-
-    Only the nodes that input depends on are copied (plus every placeholder, so the call signature
-    stays the same); parameters are shared with ``module``, not copied.
-    """
-    features = head.args[_LINEAR_OPS[head.target]]
-    if not isinstance(features, fx.Node):
-        raise FeatureExtractionError(f"the input of the last linear node {head.name} is not a graph value")
-    keep = _ancestors(features) | {features}
-    graph = fx.Graph()
-    copies: dict[fx.Node, fx.Node] = {}
-    for node in module.graph.nodes:
-        if node.op == "placeholder" or node in keep:
-            copies[node] = graph.node_copy(node, lambda arg: copies[arg])
-    graph.output(copies[features])
-    return fx.GraphModule(module, graph)
-
-
-@contextmanager
-def _submodule_replaced(model: nn.Module, name: str, replacement: nn.Module) -> Iterator[None]:
-    """Within the block, the submodule ``name`` of ``model`` is ``replacement`` (restored afterwards).
-
-    The model's own wrappers around the exported program (normalisation, batch splitting) then run
-    unchanged around the cut graph, so ``model(images)`` returns the head's input instead of the logits.
-    """
-    parent_name, _, attribute = name.rpartition(".")
-    parent = model.get_submodule(parent_name)
-    original = getattr(parent, attribute)
-    setattr(parent, attribute, replacement)
-    try:
-        yield
-    finally:
-        setattr(parent, attribute, original)

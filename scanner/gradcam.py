@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from scanner.errors import GradCamUnavailableError
-from scanner.features import _ancestors, _submodule_replaced, last_module_run
+from scanner.layers import last_graph_node, require_last_module, submodule_replaced
 
 __all__ = ["GradCam", "GradCamUnavailableError", "grad_cam", "heat_fraction_inside", "last_conv_layer"]
 
@@ -199,7 +199,7 @@ def _conv_tap(model: nn.Module, probe: Tensor) -> Iterator[tuple[str, _Forward, 
         captured.append(leaf)
         return leaf
 
-    exported = _exported_conv(model)
+    exported = last_graph_node(model, _is_conv2d)
     if exported is not None:
         name, graph_module, conv = exported
         tapped, tap = _tapped_graph(graph_module, conv)
@@ -208,42 +208,20 @@ def _conv_tap(model: nn.Module, probe: Tensor) -> Iterator[tuple[str, _Forward, 
             if not name:
                 yield _node_layer_name(conv), tapped, captured
             else:
-                with _submodule_replaced(model, name, tapped):
+                with submodule_replaced(model, name, tapped):
                     yield _node_layer_name(conv), model, captured
         finally:
             handle.remove()
         return
 
-    layer, conv_module = _last_conv_module(model, probe)
+    layer, conv_module = require_last_module(
+        model, probe, nn.Conv2d, GradCamUnavailableError, "Grad-CAM needs a convolutional layer"
+    )
     handle = conv_module.register_forward_hook(record)
     try:
         yield layer, model, captured
     finally:
         handle.remove()
-
-
-def _last_conv_module(model: nn.Module, probe: Tensor) -> tuple[str, nn.Conv2d]:
-    """The ``nn.Conv2d`` that runs last in a forward pass on ``probe``, with its qualified name."""
-    if not any(isinstance(module, nn.Conv2d) for module in model.modules()):
-        raise GradCamUnavailableError(
-            f"{type(model).__name__} has no nn.Conv2d layer and no torch.export graph with a convolution:"
-            " Grad-CAM needs a convolutional layer"
-        )
-    found = last_module_run(model, probe, nn.Conv2d)
-    if found is None:
-        raise GradCamUnavailableError("no nn.Conv2d layer ran in a forward pass")
-    return found
-
-
-def _exported_conv(model: nn.Module) -> tuple[str, fx.GraphModule, fx.Node] | None:
-    """The graph module of a ``torch.export`` program inside ``model`` and its last convolution node, if any."""
-    for name, module in model.named_modules():
-        if isinstance(module, fx.GraphModule):
-            needed = _ancestors(module.graph.output_node())
-            convs = [node for node in module.graph.nodes if node in needed and _is_conv2d(node)]
-            if convs:
-                return name, module, convs[-1]
-    return None
 
 
 def _is_conv2d(node: fx.Node) -> bool:

@@ -36,10 +36,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from scanner.attacks import Trigger, attack_success_rate
 from scanner.config import NeuralCleanseConfig
 from scanner.errors import TooFewClassesError
 from scanner.stats import anomaly_index, null_max_index_quantile, seeded_subset, small_outliers
+from scanner.trigger import Trigger, attack_success_rate
 
 __all__ = [
     "ClassTrigger",
@@ -68,12 +68,11 @@ StepProgress = Callable[[float, str], None]
 
 @dataclass(frozen=True)
 class ClassTrigger:
-    """The reversed trigger of one class.
+    """The reversed trigger of one class, and how its search went.
 
     Attributes:
         target: the class.
-        mask: (H, W) float32 in [0, 1], on the CPU: the best mask that met the threshold, or the last one.
-        pattern: (C, H, W) float32 in [0, 1], on the CPU.
+        trigger: the best mask and pattern that met the threshold, or the last ones (float32, on the CPU).
         mask_l1: ``mask.sum()``; the statistic the outlier test uses.
         reached_threshold: whether any step met the attack-success threshold.
         steps: schedule steps run for this class.
@@ -83,12 +82,21 @@ class ClassTrigger:
     """
 
     target: int
-    mask: Tensor
-    pattern: Tensor
+    trigger: Trigger
     mask_l1: float
     reached_threshold: bool
     steps: int
     converged: bool = False
+
+    @property
+    def mask(self) -> Tensor:
+        """(H, W) float32 in [0, 1]."""
+        return self.trigger.mask
+
+    @property
+    def pattern(self) -> Tensor:
+        """(C, H, W) float32 in [0, 1]."""
+        return self.trigger.pattern
 
 
 @dataclass
@@ -272,8 +280,7 @@ def _optimise_chunk(
         triggers.append(
             ClassTrigger(
                 target=target,
-                mask=mask,
-                pattern=pattern,
+                trigger=Trigger(mask=mask, pattern=pattern),
                 mask_l1=float(mask.sum()),
                 reached_threshold=schedule.best_l1 < math.inf,
                 steps=schedule.steps,
@@ -463,8 +470,9 @@ def _attack_success_rates(
         if not bool((labels != trigger.target).any()):
             rates.append(float("nan"))
             continue
-        stamp = Trigger(mask=trigger.mask.to(device), pattern=trigger.pattern.to(device))
-        rates.append(attack_success_rate(model, images, labels.to(device), stamp, trigger.target, device=device))
+        rates.append(
+            attack_success_rate(model, images, labels.to(device), trigger.trigger, trigger.target, device=device)
+        )
     return rates
 
 

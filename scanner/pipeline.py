@@ -6,46 +6,34 @@ contained (reported as ``error`` in the verdict); bad input raises a :class:`Sca
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from pathlib import Path
 
 import torch
 
-from scanner import __version__
+from scanner._version import __version__
+from scanner.classifier import check_samples, with_normalization
 from scanner.config import ScanConfig
-from scanner.data import Samples, check_samples_against_model, load_samples, with_normalization
-from scanner.detectors import DETECTORS, Detector, Progress, ScanInputs
+from scanner.detectors import DETECTORS, Detector, DetectorProgress, Progress, ScanInputs
+from scanner.detectors.model_file import model_file_result
+from scanner.digest import file_digest
 from scanner.errors import ScanCancelled, ScannerError, UnsafeFileError
-from scanner.formats import load_model
-from scanner.model_file import ModelFileReport
-from scanner.verdict import BACKDOOR_DETECTORS, DetectorResult, DetectorStatus, ModelInfo, ScannerInfo, Verdict
+from scanner.loading import Samples, load_model, load_samples
+from scanner.verdict import BACKDOOR_DETECTORS, DetectorResult, ModelInfo, ScannerInfo, Verdict
 
-__all__ = ["file_sha256", "scan"]
+__all__ = ["run_detector", "scan"]
 
 logger = logging.getLogger(__name__)
+
+# The scan's progress bar: the model check and loading up to _DATA_START, the sample sets up to _DETECTORS_START
+# (clean, then training data, half each), then the detectors that run, by their share.
+_DATA_START = 0.05
+_DETECTORS_START = 0.1
 
 
 def _no_progress(fraction: float, stage: str, message: str) -> None:
     return None
-
-
-def file_sha256(path: Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _model_file_result(report: ModelFileReport, duration_s: float) -> DetectorResult:
-    return DetectorResult(
-        status=DetectorStatus.OK,
-        findings=tuple(f.to_dict() for f in report.findings),
-        details={"format": report.format.value, "pickles_scanned": report.pickles_scanned},
-        duration_s=duration_s,
-    )
 
 
 def scan(
@@ -75,8 +63,7 @@ def scan(
     """
     progress = progress or _no_progress
     scanner_info = ScannerInfo(version=__version__, torch=torch.__version__, device=str(device), seed=config.seed)
-    sha256 = file_sha256(model_path)
-    size_bytes = model_path.stat().st_size
+    sha256, size_bytes = file_digest(model_path)
 
     progress(0.0, "model_file", "checking the pickles inside the file")
     started = time.perf_counter()
@@ -85,13 +72,13 @@ def scan(
     except UnsafeFileError as exc:
         model_info = ModelInfo(format=exc.report.format.value, sha256=sha256, size_bytes=size_bytes)
         not_loaded = DetectorResult.skipped("the model file is unsafe and was not loaded")
-        detectors = {"model_file": _model_file_result(exc.report, time.perf_counter() - started)}
+        detectors = {"model_file": model_file_result(exc.report, time.perf_counter() - started)}
         detectors.update(dict.fromkeys(BACKDOOR_DETECTORS, not_loaded))
         progress(1.0, "done", "unsafe file")
         return Verdict(detectors=detectors, scanner=scanner_info, model=model_info)
-    detectors = {"model_file": _model_file_result(loaded.report, time.perf_counter() - started)}
+    detectors = {"model_file": model_file_result(loaded.report, time.perf_counter() - started)}
 
-    progress(0.05, "data", "loading samples")
+    progress(_DATA_START, "data", "loading samples")
     model = with_normalization(loaded.module, config.model.mean, config.model.std)
     num_classes = loaded.num_classes
     clean = training = None
@@ -103,17 +90,17 @@ def scan(
             limits=config.data_limits,
             max_samples=config.neural_cleanse.max_samples,
             seed=config.seed,
-            progress=lambda fraction: progress(0.05 + 0.025 * fraction, "data", "decoding clean samples"),
+            progress=lambda fraction: _data_progress(progress, 0, fraction, "decoding clean samples"),
         )
-        num_classes = check_samples_against_model(model, clean, num_classes=num_classes, device=device)
+        num_classes = check_samples(model, clean.images, clean.labels, num_classes=num_classes, device=device)
     if training_data_path is not None:
         training = load_samples(
             training_data_path,
             input_shape=loaded.input_shape,
             limits=config.data_limits,
-            progress=lambda fraction: progress(0.075 + 0.025 * fraction, "data", "decoding training data"),
+            progress=lambda fraction: _data_progress(progress, 1, fraction, "decoding training data"),
         )
-        num_classes = check_samples_against_model(model, training, num_classes=num_classes, device=device)
+        num_classes = check_samples(model, training.images, training.labels, num_classes=num_classes, device=device)
     input_shape = loaded.input_shape or _shape_of(clean) or _shape_of(training)
     model_info = ModelInfo(
         format=loaded.format.value,
@@ -131,10 +118,8 @@ def scan(
         training=training,
         config=config,
         device=device,
-        progress=progress,
     )
-    for detector in DETECTORS:
-        detectors[detector.name] = _run_detector(detector, inputs)
+    detectors.update(_run_detectors(inputs, progress))
     progress(1.0, "done", "scan finished")
     return Verdict(detectors=detectors, scanner=scanner_info, model=model_info)
 
@@ -146,15 +131,49 @@ def _shape_of(samples: Samples | None) -> tuple[int, int, int] | None:
     return (int(c), int(h), int(w))
 
 
-def _run_detector(detector: Detector, inputs: ScanInputs) -> DetectorResult:
+def _data_progress(progress: Progress, part: int, fraction: float, message: str) -> None:
+    half = (_DETECTORS_START - _DATA_START) / 2
+    progress(_DATA_START + half * (part + fraction), "data", message)
+
+
+def _run_detectors(inputs: ScanInputs, progress: Progress) -> dict[str, DetectorResult]:
+    """Run the registry in order; the detectors that can run share the progress bar after loading
+    (``_DETECTORS_START`` to 1) by their :attr:`Detector.share`."""
+    results: dict[str, DetectorResult] = {}
+    runnable: list[Detector] = []
+    for detector in DETECTORS:
+        reason = _skip_reason(detector, inputs)
+        if reason is None:
+            runnable.append(detector)
+        else:
+            results[detector.name] = DetectorResult.skipped(reason)
+    total = sum(detector.share for detector in runnable)
+    start = _DETECTORS_START
+    for detector in runnable:
+        width = (1.0 - _DETECTORS_START) * detector.share / total
+        results[detector.name] = run_detector(detector, inputs, _scoped(progress, detector.name, start, width))
+        start += width
+    return {detector.name: results[detector.name] for detector in DETECTORS}
+
+
+def _skip_reason(detector: Detector, inputs: ScanInputs) -> str | None:
     if detector.name not in inputs.config.detectors:
-        return DetectorResult.skipped("not requested (detectors option)")
-    reason = detector.needs(inputs)
-    if reason is not None:
-        return DetectorResult.skipped(reason)
+        return "not requested (detectors option)"
+    return detector.needs(inputs)
+
+
+def _scoped(progress: Progress, stage: str, start: float, width: float) -> DetectorProgress:
+    def report(fraction: float, message: str) -> None:
+        progress(start + width * min(max(fraction, 0.0), 1.0), stage, message)
+
+    return report
+
+
+def run_detector(detector: Detector, inputs: ScanInputs, progress: DetectorProgress) -> DetectorResult:
+    """Run one detector that can run; crashes become its error, never the scan's."""
     started = time.perf_counter()
     try:
-        return detector.run(inputs)
+        return detector.run(inputs, progress)
     except ScanCancelled:
         raise
     except ScannerError as exc:

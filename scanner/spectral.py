@@ -47,12 +47,10 @@ blending (STRIP's known blind spots) leave the side decision to chance at one ha
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -61,10 +59,6 @@ from torch import nn
 from scanner.config import SpectralConfig
 from scanner.features import penultimate_features
 from scanner.stats import seeded_subset
-from scanner.verdict import DetectorResult, DetectorStatus
-
-if TYPE_CHECKING:
-    from scanner.detectors import ScanInputs
 
 __all__ = [
     "ClassSplit",
@@ -72,8 +66,6 @@ __all__ = [
     "SpectralReport",
     "class_splits",
     "detect_poisoned_samples",
-    "needs_training_data",
-    "spectral_detector",
     "trigger_persistence",
 ]
 
@@ -96,8 +88,6 @@ _MIN_COMPONENT_FRACTION = 0.01
 _MIN_COMPONENT_SAMPLES = 5
 #: STRIP blends half of the input with half of another image.
 _BLEND_WEIGHT = 0.5
-_ARTIFACT_NAME = "spectral-suspicious.json"
-_SCORES_NAME = "spectral-scores.json"
 
 
 @dataclass(frozen=True, eq=False)  # holds tensors: compare by identity
@@ -505,99 +495,3 @@ def detect_poisoned_samples(
         threshold=config.threshold,
         duration_s=time.perf_counter() - started,
     )
-
-
-def needs_training_data(inputs: ScanInputs) -> str | None:
-    """Skip reason for the ``spectral_signatures`` detector, or ``None`` when it can run."""
-    if inputs.training is None:
-        return "no training data given (training_data)"
-    counts = torch.bincount(inputs.training.labels)
-    if int((counts >= MIN_CLASS_SAMPLES).sum()) < MIN_CLASSES:
-        return f"the training data needs at least {MIN_CLASSES} classes with {MIN_CLASS_SAMPLES} or more samples"
-    return None
-
-
-def spectral_detector(inputs: ScanInputs, config: SpectralConfig | None = None) -> DetectorResult:
-    """The ``spectral_signatures`` detector: :func:`detect_poisoned_samples` on the uploaded training data.
-
-    Details (JSON): ``threshold``, ``estimated_poisoned_samples`` and, per analysed class, ``class``,
-    ``samples``, ``separation``, ``score``, ``flagged``; flagged classes add
-    ``estimated_poisoned_fraction``, ``suspicious_count``, ``trigger_persistence`` and up to
-    ``max_listed`` ``suspicious`` samples (``index`` into the training data, ``score``, ``path`` for
-    ImageFolder uploads), most suspicious first. The artifact ``spectral-suspicious.json`` lists all;
-    ``spectral-scores.json`` holds, per flagged class, every sample's ``poison_score`` (0 at the other component's
-    mean, 1 at the suspected one's) and whether it is ``suspicious``, in the class's order (for histograms).
-    """
-    training = inputs.training
-    if training is None:
-        return DetectorResult.skipped("no training data given (training_data)")
-    config = config or inputs.config.spectral
-
-    def progress(fraction: float, message: str) -> None:
-        # Runs after Neural Cleanse (which reports up to 0.95 of the scan) and takes about a second.
-        inputs.progress(0.95 + 0.05 * fraction, "spectral_signatures", message)
-
-    result = detect_poisoned_samples(
-        inputs.model,
-        training.images,
-        training.labels,
-        config=config,
-        device=inputs.device,
-        seed=inputs.config.seed,
-        progress=progress,
-    )
-    classes: list[dict[str, Any]] = []
-    complete: dict[str, list[dict[str, Any]]] = {}
-    scores: dict[str, dict[str, list[Any]]] = {}
-    for split in result.classes:
-        entry: dict[str, Any] = {
-            "class": split.label,
-            "samples": len(split.indices),
-            "separation": round(split.separation, 4),
-            "score": round(split.score, 4) if math.isfinite(split.score) else None,
-            "flagged": split.flagged,
-        }
-        if split.flagged:
-            listed = _suspicious_samples(split, training.paths)
-            suspected, other = result.persistence.get(split.label, (math.nan, math.nan))
-            entry["estimated_poisoned_fraction"] = round(split.poisoned_fraction, 4)
-            entry["suspicious_count"] = len(listed)
-            entry["trigger_persistence"] = {"suspicious": round(suspected, 4), "rest": round(other, 4)}
-            entry["suspicious"] = listed[: config.max_listed]
-            entry["suspicious_truncated"] = len(listed) > config.max_listed
-            complete[str(split.label)] = listed
-            scores[str(split.label)] = {
-                "poison_score": [round(value, 4) for value in split.poison_score.tolist()],
-                "suspicious": split.suspicious.tolist(),
-            }
-        classes.append(entry)
-    artifact = json.dumps({"classes": complete}, indent=1).encode()
-    return DetectorResult(
-        status=DetectorStatus.OK,
-        flagged_classes=result.flagged_classes,
-        details={
-            "threshold": result.threshold,
-            "estimated_poisoned_samples": sum(len(v) for v in complete.values()),
-            "classes": classes,
-            "artifacts": {"suspicious_json": _ARTIFACT_NAME, "scores_json": _SCORES_NAME},
-        },
-        duration_s=result.duration_s,
-        artifacts={
-            _ARTIFACT_NAME: artifact,
-            _SCORES_NAME: json.dumps({"classes": scores}, separators=(",", ":")).encode(),
-        },
-    )
-
-
-def _suspicious_samples(split: ClassSplit, paths: tuple[str, ...] | None) -> list[dict[str, Any]]:
-    """The suspected component's members, most suspicious first, as JSON-ready dicts."""
-    rows = torch.nonzero(split.suspicious).squeeze(1)
-    rows = rows[split.poison_score[rows].argsort(descending=True)]
-    listed = []
-    for row in rows.tolist():
-        index = int(split.indices[row])
-        item: dict[str, Any] = {"index": index, "score": round(float(split.poison_score[row]), 4)}
-        if paths is not None:
-            item["path"] = paths[index]
-        listed.append(item)
-    return listed

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 if TYPE_CHECKING:
     from scanner.verdict import Verdict
     from service.config import Settings
+    from service.options import ScanOptions
 
 EXIT_CLEAN = 0
 EXIT_FINDINGS = 1
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--trust-code", action="store_true", help="allow TorchScript, which runs code when loaded")
     scan.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     scan.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    _add_detector_flags(scan)
     scan.add_argument(
         "--format", choices=("json", "text", "sarif"), default="text", help="report format (default: text)"
     )
@@ -112,6 +114,58 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(handler=_cmd_worker)
     return parser
 
+
+def _add_detector_flags(parser: argparse.ArgumentParser) -> None:
+    """The detector options of ``scan`` and ``submit``: the ``ScanOptions`` fields of the same names, which the API
+    takes as form fields (validated there, and in ``scan`` by the same model)."""
+    parser.add_argument(
+        "--detectors",
+        metavar="NAME,..",
+        help="backdoor detectors to run: neural_cleanse,spectral_signatures (default: all whose data is given)",
+    )
+    parser.add_argument("--nc-restarts", type=int, metavar="N", help="Neural Cleanse restarts per class (1-5)")
+    parser.add_argument(
+        "--nc-confirm-rounds",
+        type=int,
+        metavar="N",
+        help="Neural Cleanse rounds added when the decision is close (0-5; default 1)",
+    )
+    parser.add_argument(
+        "--nc-precision",
+        choices=("auto", "fp32", "bf16"),
+        help="Neural Cleanse model passes (default auto: bf16 on CPUs with native bf16)",
+    )
+    parser.add_argument(
+        "--nc-max-steps", type=int, metavar="N", help="Neural Cleanse step limit per class (100-10000; default 1000)"
+    )
+    parser.add_argument(
+        "--nc-anomaly-threshold",
+        type=float,
+        metavar="X",
+        help="fixed Neural Cleanse anomaly-index threshold (default: calibrated to the class count)",
+    )
+    parser.add_argument(
+        "--spectral-threshold", type=float, metavar="X", help="spectral signatures separation threshold (default 2)"
+    )
+
+
+#: The ``ScanOptions`` fields that ``scan`` and ``submit`` take as flags (``--num-classes`` is ``num_classes``).
+OPTION_FLAGS = (
+    "arch",
+    "num_classes",
+    "input_shape",
+    "mean",
+    "std",
+    "seed",
+    "trust_code",
+    "detectors",
+    "nc_restarts",
+    "nc_confirm_rounds",
+    "nc_precision",
+    "nc_max_steps",
+    "nc_anomaly_threshold",
+    "spectral_threshold",
+)
 
 #: Verdicts ``submit --fail-on`` may name.
 FAIL_ON_LABELS = ("backdoored", "unsafe_file", "inconclusive")
@@ -165,9 +219,7 @@ def _add_submit_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
     submit.add_argument("--std", type=_floats, metavar="S1,S2,..", help="per-channel normalisation std")
     submit.add_argument("--seed", type=int, help="random seed (default: the server's, 0)")
     submit.add_argument("--trust-code", action="store_true", help="TorchScript (the server must allow it)")
-    submit.add_argument(
-        "--detectors", metavar="NAME,..", help="backdoor detectors to run: neural_cleanse,spectral_signatures"
-    )
+    _add_detector_flags(submit)
     submit.add_argument("--server", metavar="URL", help="the service's base URL (default: $BDS_SERVER)")
     submit.add_argument("--api-key", metavar="KEY", help="API key (default: $BDS_API_KEY; prefer the variable)")
     submit.add_argument("--wait", action="store_true", help="follow the scan and print its report (else: the scan)")
@@ -330,19 +382,24 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return EXIT_CLEAN
 
 
-def _cmd_scan(args: argparse.Namespace) -> int:
-    from scanner import ModelOptions, ScanConfig, resolve_device, scan
-    from scanner.report import render_text, write_artifacts
+def scan_options(args: argparse.Namespace) -> ScanOptions:
+    """The options of ``scan``'s flags, validated by the model that validates the API's form fields.
 
-    options = ModelOptions(
-        arch=args.arch,
-        num_classes=args.num_classes,
-        input_shape=args.input_shape,
-        mean=args.mean,
-        std=args.std,
-        trust_code=args.trust_code,
-    )
-    config = ScanConfig(model=options, seed=args.seed)
+    Raises:
+        OptionsError: an option is out of range (an ``invalid_option`` error).
+    """
+    from service.options import parse_options
+
+    return parse_options({name: value for name in OPTION_FLAGS if (value := getattr(args, name)) is not None})
+
+
+def _cmd_scan(args: argparse.Namespace) -> int:
+    from scanner import resolve_device, scan
+    from scanner.render.text import render_text, write_artifacts
+    from service.options import scan_config
+
+    options = scan_options(args)
+    config = scan_config(options)
     device = resolve_device(args.device)
 
     def progress(fraction: float, stage: str, message: str) -> None:
@@ -359,32 +416,28 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     if args.artifacts is not None:
         write_artifacts(verdict, args.artifacts)
     if args.report is not None:
-        _write_report(verdict, args)
+        _write_report(verdict, args, options)
     if args.format == "json":
         print(json.dumps(verdict.to_dict(), indent=2))
     elif args.format == "sarif":
-        from scanner.sarif import sarif_log
+        from scanner.render.sarif import sarif_log
 
         print(json.dumps(sarif_log(verdict.to_dict(), args.model, base=Path.cwd()), indent=2))
     else:
-        print(render_text(verdict, args.model.name))
+        print(render_text(verdict.to_dict(), args.model.name))
     return EXIT_FINDINGS if verdict.has_findings else EXIT_CLEAN
 
 
-def _write_report(verdict: Verdict, args: argparse.Namespace) -> None:
-    """``scan --report FILE``: the page ``GET /v1/scans/{id}/report`` serves, for a local scan."""
-    from scanner.html_report import render_html
+def _write_report(verdict: Verdict, args: argparse.Namespace, options: ScanOptions) -> None:
+    """``scan --report FILE``: the page ``GET /v1/scans/{id}/report`` serves, for a local scan (the options shown
+    as the API stores a scan's: those not at their defaults; and the device)."""
+    from scanner.render.html import render_html
 
-    options = {
-        name: value
-        for name in ("arch", "num_classes", "input_shape", "mean", "std", "seed", "trust_code", "device")
-        if (value := getattr(args, name)) not in (None, False)
-    }
     settings = {
         "model file": args.model.name,
         "clean samples (data)": args.data.name if args.data else None,
         "training data": args.training_data.name if args.training_data else None,
-        "options": options,
+        "options": {**options.model_dump(mode="json", exclude_defaults=True), "device": args.device},
     }
     artifacts = {name: content for result in verdict.detectors.values() for name, content in result.artifacts.items()}
     page = render_html(verdict.to_dict(), artifacts, title=args.model.name, settings=settings)
@@ -410,6 +463,12 @@ def _submit_fields(args: argparse.Namespace) -> dict[str, str]:
         fields["trust_code"] = "true"
     if args.detectors:
         fields["detectors"] = args.detectors
+    for name in ("nc_restarts", "nc_confirm_rounds", "nc_precision", "nc_max_steps"):
+        if (value := getattr(args, name)) is not None:
+            fields[name] = str(value)
+    for name in ("nc_anomaly_threshold", "spectral_threshold"):
+        if (value := getattr(args, name)) is not None:
+            fields[name] = repr(value)
     return fields
 
 
@@ -423,16 +482,16 @@ def _emit(text: str, output: Path | None) -> None:
 
 def _report(verdict: dict[str, Any], args: argparse.Namespace) -> int:
     """Print (or write) the report of a verdict dict and return the exit code ``--fail-on`` gives it."""
-    from service.client import render_verdict_text
+    from scanner.render.text import render_text
 
     if args.format == "json":
         text = json.dumps(verdict, indent=2)
     elif args.format == "sarif":
-        from scanner.sarif import sarif_log
+        from scanner.render.sarif import sarif_log
 
         text = json.dumps(sarif_log(verdict, args.model, base=Path.cwd()), indent=2)
     else:
-        text = render_verdict_text(verdict, args.model.name)
+        text = render_text(verdict, args.model.name)
     _emit(text, args.output)
     label = str(verdict.get("verdict"))
     flagged = verdict.get("flagged_classes") or []
@@ -448,8 +507,9 @@ def _report(verdict: dict[str, Any], args: argparse.Namespace) -> int:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from scanner.sarif import verdict_from_problem
-    from service.client import ClientError, ProblemError, ProgressPrinter, RetryPolicy, ScanClient, file_digest
+    from scanner.digest import file_digest
+    from scanner.render.sarif import verdict_from_problem
+    from service.client import ClientError, ProblemError, ProgressPrinter, RetryPolicy, ScanClient
 
     server = args.server or os.environ.get("BDS_SERVER")
     if not server:

@@ -9,7 +9,6 @@ retries, and re-opens the files for each attempt, so a retried upload never star
 from __future__ import annotations
 
 import email.utils
-import hashlib
 import json
 import random
 import shutil
@@ -35,8 +34,6 @@ __all__ = [
     "RetryPolicy",
     "ScanClient",
     "Submission",
-    "file_digest",
-    "render_verdict_text",
 ]
 
 #: Responses worth retrying: overloaded or restarting servers and gateways in front of them.
@@ -151,7 +148,7 @@ class ScanClient:
         rng: random.Random | None = None,
         on_retry: Callable[[ClientError, float], None] | None = None,
     ):
-        from scanner import __version__
+        from scanner._version import __version__
 
         self.server = server.rstrip("/")
         headers = {"User-Agent": f"backdoor-scan/{__version__}", "Accept": "application/json"}
@@ -300,87 +297,7 @@ class ScanClient:
         return body
 
 
-def file_digest(path: Path) -> tuple[str, int]:
-    """SHA-256 (hex) and size of a file, read in chunks."""
-    digest = hashlib.sha256()
-    size = 0
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
-
-
-# -- rendering -------------------------------------------------------------------------------
-
-
-def _describe(detector: Mapping[str, Any]) -> str:
-    status = detector.get("status")
-    if status == "skipped":
-        return f"skipped ({detector.get('reason')})"
-    if status == "error":
-        return f"error [{detector.get('code')}]: {detector.get('detail')}"
-    parts = [str(status)]
-    if detector.get("flagged_classes"):
-        parts.append(f"flagged classes {', '.join(map(str, detector['flagged_classes']))}")
-    if detector.get("findings"):
-        parts.append(f"{len(detector['findings'])} finding(s)")
-    return ", ".join(parts)
-
-
-def _finding_line(finding: object) -> str:
-    if not isinstance(finding, Mapping):
-        return str(finding)
-    names = finding.get("globals") or ()
-    text = str(finding.get("message") or finding)
-    if names:
-        text = f"{finding.get('member')}: {', '.join(map(str, names))}: {text}"
-    return text
-
-
-def render_verdict_text(verdict: Mapping[str, Any], model_name: str) -> str:
-    """The text report of a verdict dict (a scan's ``result``): the layout of ``scanner.report.render_text``."""
-    label = str(verdict.get("verdict", "?")).upper()
-    flagged = verdict.get("flagged_classes") or []
-    head = f"{model_name}: {label}" + (f" (flagged classes: {', '.join(map(str, flagged))})" if flagged else "")
-    model = verdict.get("model") or {}
-    facts = []
-    if model.get("format"):
-        facts.append(f"format {model['format']}")
-    if model.get("sha256"):
-        facts.append(f"sha256 {str(model['sha256'])[:16]}")
-    if model.get("size_bytes") is not None:
-        facts.append(f"{model['size_bytes']} bytes")
-    if model.get("num_classes"):
-        facts.append(f"{model['num_classes']} classes")
-    if model.get("input_shape"):
-        facts.append("input " + "x".join(map(str, model["input_shape"])))
-    lines = [head]
-    if facts:
-        lines.append("  " + ", ".join(facts))
-    if "problem" in verdict:
-        lines.append("  refused by the server before scanning: the file was never loaded")
-    for name, detector in (verdict.get("detectors") or {}).items():
-        if not isinstance(detector, Mapping):
-            continue
-        lines.append(f"  {name}: {_describe(detector)}")
-        lines.extend(f"    - {_finding_line(finding)}" for finding in detector.get("findings") or ())
-        if name == "neural_cleanse":
-            for entry in detector.get("classes") or ():
-                if isinstance(entry, Mapping) and entry.get("flagged"):
-                    lines.append(
-                        f"    - class {entry.get('class')}: anomaly index {entry.get('anomaly_index')}"
-                        f" (threshold {detector.get('threshold')}), trigger L1 {entry.get('mask_l1')},"
-                        f" attack success {entry.get('attack_success_rate')}"
-                    )
-        if name == "spectral_signatures":
-            for entry in detector.get("classes") or ():
-                if isinstance(entry, Mapping) and entry.get("flagged"):
-                    lines.append(
-                        f"    - class {entry.get('class')}: score {entry.get('score')}"
-                        f" (threshold {detector.get('threshold')}), {entry.get('suspicious_count')} suspicious samples"
-                    )
-    return "\n".join(lines)
+# -- progress ------------------------------------------------------------------------------
 
 
 @dataclass

@@ -12,6 +12,8 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.signing import secret_key
+
 __all__ = ["Settings", "get_settings"]
 
 
@@ -56,8 +58,6 @@ class Settings(BaseSettings):
     @classmethod
     def _check_secret(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
-            from service.webhooks import secret_key
-
             secret_key(value.get_secret_value())
         return value
 

@@ -1,12 +1,13 @@
-"""The job table: the source of truth for every scan (the queue only carries scan ids).
+"""The job store: every read and write of the job table, the source of truth for every scan (the queue only carries
+scan ids).
 
 Workers move a scan through ``queued -> running -> succeeded|failed|cancelled`` with single conditional
-UPDATE statements, so two workers (or a worker and the reaper) can never both own one scan.
+UPDATE statements, so two workers (or a worker and the reaper) can never both own one scan. The tables are in
+:mod:`service.models`, the engine and the migrations in :mod:`service.db`.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import secrets
@@ -14,156 +15,27 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from enum import StrEnum
-from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import (
-    Boolean,
-    CursorResult,
-    DateTime,
-    Dialect,
-    Engine,
-    Float,
-    Index,
-    Integer,
-    String,
-    Text,
-    TypeDecorator,
-    Update,
-    create_engine,
-    delete,
-    event,
-    func,
-    select,
-    text,
-    update,
-)
-from sqlalchemy.engine import make_url
+from sqlalchemy import CursorResult, Engine, Update, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
-__all__ = ["FileInfo", "JobStatus", "JobStore", "NewScan", "Scan", "Worker", "create_db_engine", "migrate", "utcnow"]
+from service.models import REUSABLE, JobStatus, Scan, Worker
+
+__all__ = ["FileInfo", "JobStore", "NewScan", "new_scan_id", "utcnow"]
 
 logger = logging.getLogger(__name__)
 
-
-class JobStatus(StrEnum):
-    queued = "queued"
-    running = "running"
-    succeeded = "succeeded"
-    failed = "failed"
-    cancelled = "cancelled"
-
-
-FINISHED = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
 _INSERT_TRIES = 3
-#: A scan in these states answers a repeated upload (one that failed or was cancelled does not).
-REUSABLE = (JobStatus.queued, JobStatus.running, JobStatus.succeeded)
-#: The rows of the unique index over ``dedup_key`` (migration 0003): at most one reusable scan per upload.
-_ONE_PER_UPLOAD = text("status IN ('queued', 'running', 'succeeded') AND duplicate_of IS NULL")
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class UTCDateTime(TypeDecorator[datetime]):
-    """Timezone-aware UTC datetimes on every backend (SQLite keeps naive strings)."""
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        return value.astimezone(UTC).replace(tzinfo=None) if dialect.name == "sqlite" else value
-
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Scan(Base):
-    """One scan request and everything known about it."""
-
-    __tablename__ = "scans"
-    __table_args__ = (
-        Index(
-            "uq_scans_live_dedup_key",
-            "dedup_key",
-            unique=True,
-            sqlite_where=_ONE_PER_UPLOAD,
-            postgresql_where=_ONE_PER_UPLOAD,
-        ),
-    )
-
-    id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    status: Mapped[str] = mapped_column(String(16), index=True)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
-    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    progress_fraction: Mapped[float] = mapped_column(Float, default=0.0)
-    progress_stage: Mapped[str] = mapped_column(String(64), default="queued")
-    progress_message: Mapped[str] = mapped_column(String(500), default="")
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    worker_id: Mapped[str | None] = mapped_column(String(200))
-    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
-    model_filename: Mapped[str] = mapped_column(String(255))
-    model_sha256: Mapped[str] = mapped_column(String(64), index=True)
-    model_size_bytes: Mapped[int] = mapped_column(Integer)
-    model_format: Mapped[str] = mapped_column(String(32))
-    data_filename: Mapped[str | None] = mapped_column(String(255))
-    data_sha256: Mapped[str | None] = mapped_column(String(64))
-    data_size_bytes: Mapped[int | None] = mapped_column(Integer)
-    training_data_filename: Mapped[str | None] = mapped_column(String(255))
-    training_data_sha256: Mapped[str | None] = mapped_column(String(64))
-    training_data_size_bytes: Mapped[int | None] = mapped_column(Integer)
-    options_json: Mapped[str] = mapped_column(Text)
-    dedup_key: Mapped[str] = mapped_column(String(64), index=True)
-    #: Set by migration 0003 on older reusable scans of an upload made twice before the index existed: the scan
-    #: that answers the upload now (the newest). Never set on scans made since.
-    duplicate_of: Mapped[str | None] = mapped_column(String(32))
-    idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
-    verdict: Mapped[str | None] = mapped_column(String(32))
-    result_json: Mapped[str | None] = mapped_column(Text)
-    error_code: Mapped[str | None] = mapped_column(String(64))
-    error_detail: Mapped[str | None] = mapped_column(Text)
-    duration_s: Mapped[float | None] = mapped_column(Float)
-    callback_url: Mapped[str | None] = mapped_column(Text)
-    webhook_attempts: Mapped[int] = mapped_column(Integer, default=0)
-    webhook_delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    webhook_error: Mapped[str | None] = mapped_column(Text)
-
-    @property
-    def options(self) -> dict[str, Any]:
-        loaded: dict[str, Any] = json.loads(self.options_json)
-        return loaded
-
-    @property
-    def result(self) -> dict[str, Any] | None:
-        if self.result_json is None:
-            return None
-        loaded: dict[str, Any] = json.loads(self.result_json)
-        return loaded
-
-
-class Worker(Base):
-    """A worker process, beating while it runs (for ``/readyz`` and operators)."""
-
-    __tablename__ = "workers"
-
-    id: Mapped[str] = mapped_column(String(200), primary_key=True)
-    device: Mapped[str] = mapped_column(String(32))
-    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
-    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+def new_scan_id() -> str:
+    return secrets.token_hex(16)
 
 
 @dataclass(frozen=True)
@@ -177,6 +49,8 @@ class FileInfo:
 
 @dataclass(frozen=True)
 class NewScan:
+    """A scan to insert (:meth:`JobStore.create`): its stored files, accepted options and the keys that dedupe it."""
+
     id: str
     model: FileInfo
     model_format: str
@@ -205,74 +79,6 @@ def _ended(status: JobStatus, now: datetime, code: str | None = None, detail: st
         "progress_stage": str(status),
         "progress_message": detail or ("scan finished" if status is JobStatus.succeeded else str(status)),
     }
-
-
-def new_scan_id() -> str:
-    return secrets.token_hex(16)
-
-
-def create_db_engine(url: str) -> Engine:
-    """An engine for the job table.
-
-    SQLite gets WAL and a busy timeout so API and workers share the file. A server database (PostgreSQL,
-    ``postgresql://`` meaning psycopg 3) gets a checked pool: a connection the server dropped (restart,
-    failover, idle timeout) is replaced before use, and connecting gives up after 10 s instead of hanging.
-    """
-    parsed = make_url(url)
-    if parsed.drivername == "postgresql":
-        parsed = parsed.set(drivername="postgresql+psycopg")
-    if parsed.get_backend_name() != "sqlite":
-        connect_args = {"connect_timeout": 10} if parsed.get_backend_name() == "postgresql" else {}
-        return create_engine(parsed, pool_pre_ping=True, pool_recycle=1800, connect_args=connect_args)
-    if parsed.database:
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(parsed, connect_args={"check_same_thread": False, "timeout": 30})
-
-    @event.listens_for(engine, "connect")
-    def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA busy_timeout=30000")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.close()
-
-    return engine
-
-
-#: Key of the PostgreSQL advisory lock held while migrating (any constant bigint; "bds-migr" in ASCII).
-PG_MIGRATION_LOCK = 0x6264732D6D696772
-
-
-@contextmanager
-def _migration_lock(engine: Engine) -> Iterator[None]:
-    """One SQLite process migrates at a time (an API and its workers may start together): a file lock beside
-    the database file. PostgreSQL takes an advisory lock inside the migration's transaction instead."""
-    database = engine.url.database if engine.url.get_backend_name() == "sqlite" else None
-    if not database:
-        yield
-        return
-    with open(f"{database}.migrate-lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest Alembic revision (run at every start; a no-op when current)."""
-    from alembic import command
-    from alembic.config import Config
-
-    config = Config()
-    config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
-    with _migration_lock(engine), engine.begin() as connection:
-        if connection.dialect.name == "postgresql":
-            # held until this transaction commits: the others wait, then find the schema at head (PostgreSQL
-            # DDL is transactional, so a process that dies mid-migration leaves nothing half-done)
-            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_MIGRATION_LOCK})
-        config.attributes["connection"] = connection
-        command.upgrade(config, "head")
 
 
 class JobStore:

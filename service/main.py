@@ -16,10 +16,11 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
-from scanner import __version__
+from scanner._version import __version__
 from service.config import Settings, get_settings
+from service.db import create_db_engine, migrate
 from service.deps import AppState, hash_key
-from service.jobs import JobStore, create_db_engine, migrate
+from service.jobs import JobStore
 from service.logs import request_id_var
 from service.metrics import Metrics
 from service.problems import document_problems, install_problem_handlers

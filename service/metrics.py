@@ -10,7 +10,8 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from service.jobs import JobStatus, JobStore
+from service.jobs import JobStore
+from service.models import JobStatus
 from service.queue import ScanQueue
 
 __all__ = ["Metrics"]

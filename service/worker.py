@@ -19,9 +19,11 @@ from typing import Any
 
 from scanner.errors import ScanCancelled, ScannerError
 from service.config import Settings
-from service.jobs import JobStatus, JobStore, Scan, create_db_engine, migrate
+from service.db import create_db_engine, migrate
+from service.jobs import JobStore
+from service.models import JobStatus, Scan
+from service.options import ScanOptions, scan_config
 from service.queue import ScanQueue
-from service.schemas import ScanOptions, scan_config
 from service.storage import ScanFiles
 from service.webhooks import WebhookSender
 
@@ -157,7 +159,7 @@ class ScanExecutor:
     ) -> tuple[JobStatus, dict[str, Any]]:
         from scanner.device import resolve_device
         from scanner.pipeline import scan
-        from scanner.report import write_artifacts
+        from scanner.render.text import write_artifacts
 
         files = ScanFiles(self.settings.scans_dir, scan_id)
         deadline = time.monotonic() + self.settings.scan_time_limit_s

@@ -15,9 +15,9 @@ import pytest
 import torch
 from torch import nn
 
-from scanner.attacks import BadNetsRecipe
-from scanner.datasets import MnistSplit, load_mnist_split
-from scanner.training import train_mnist_cnn
+from scanner.testing.attacks import BadNetsRecipe
+from scanner.testing.mnist import MnistSplit, load_mnist_split
+from scanner.testing.training import train_mnist_cnn
 from tests.factories import BadNetsModel, trained_mnist_cnn
 
 _CPU = torch.device("cpu")

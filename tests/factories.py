@@ -5,8 +5,8 @@ formats; :func:`write_zip` and :func:`write_zip_claiming_size` write hostile arc
 odd names, lying size fields) for the security tests.
 
 Models: :func:`trained_mnist_cnn` trains (or reloads from a cache directory) an ``mnist_cnn`` with
-the shared recipe in :func:`scanner.training.train_mnist_cnn`; benchmarks call that recipe and
-:class:`scanner.attacks.BadNetsRecipe` directly, without importing the tests.
+the shared recipe in :func:`scanner.testing.training.train_mnist_cnn`; benchmarks call that recipe and
+:class:`scanner.testing.attacks.BadNetsRecipe` directly, without importing the tests.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ from PIL import Image
 from torch import nn
 
 import scanner
-from scanner.architectures import build_architecture
-from scanner.attacks import PoisonedDataset, Trigger
+from scanner.loading.architectures import build_architecture
+from scanner.testing.attacks import PoisonedDataset
+from scanner.trigger import Trigger
 
 __all__ = [
     "BadNetsModel",
@@ -49,7 +50,14 @@ ArrayLike = np.ndarray | torch.Tensor | Sequence[int]
 _RECIPE_SOURCES = (
     *(
         Path(scanner.__file__).parent / name
-        for name in ("architectures.py", "attacks.py", "datasets.py", "training.py")
+        for name in (
+            "loading/architectures.py",
+            "testing/attacks.py",
+            "testing/mnist.py",
+            "testing/training.py",
+            "trigger.py",
+            "classifier.py",
+        )
     ),
     Path(__file__),
     Path(__file__).with_name("conftest.py"),

@@ -1,4 +1,4 @@
-"""Alembic environment: migrations run on the connection that :func:`service.jobs.migrate` hands over."""
+"""Alembic environment: migrations run on the connection that :func:`service.db.migrate` hands over."""
 
 from __future__ import annotations
 

@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
 from http import HTTPStatus
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse
-from pydantic import ValidationError
 
-from scanner.errors import ScannerError
-from scanner.formats import check_model_file
-from scanner.html_report import render_html
+from scanner.render.html import render_html
 from service.deps import ApiKeyDep, StateDep
-from service.jobs import FINISHED, JobStatus, NewScan, Scan, new_scan_id
-from service.problems import PROBLEM_JSON, ServiceError, scanner_problem
-from service.schemas import FILE_FIELDS, ScanList, ScanOptions, ScanPublic, scan_config, upload_form_schema
+from service.models import FINISHED, JobStatus, Scan
+from service.problems import PROBLEM_JSON, ServiceError
+from service.scans import FILE_FIELDS, TEXT_FIELDS, ScanSubmission
+from service.schemas import ScanList, ScanPublic, upload_form_schema
 from service.storage import ScanFiles, parse_upload
-from service.webhooks import check_callback_url
-
-logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/scans", tags=["scans"], dependencies=[ApiKeyDep])
 
@@ -44,38 +35,6 @@ def _scan_or_404(scan: Scan | None, scan_id: str) -> Scan:
     if scan is None:
         raise ServiceError(HTTPStatus.NOT_FOUND, "scan_not_found", f"no scan with id {scan_id!r}")
     return scan
-
-
-def _dedup_key(files: dict[str, Any], options: ScanOptions) -> str:
-    identity = {
-        "files": {name: files[name].sha256 for name in FILE_FIELDS if name in files},
-        "options": options.model_dump(mode="json"),
-    }
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-
-
-def _idempotency_key(value: str | None) -> str | None:
-    if value is None:
-        return None
-    if not 1 <= len(value) <= 255 or not value.isprintable():
-        raise ServiceError(
-            HTTPStatus.UNPROCESSABLE_ENTITY,
-            "invalid_idempotency_key",
-            "Idempotency-Key must be 1-255 printable characters",
-        )
-    return value
-
-
-def _repeated(scan: Scan, dedup_key: str) -> tuple[Scan, bool]:
-    """The existing scan an upload repeats, unless its Idempotency-Key named another upload's scan (422)."""
-    if scan.dedup_key != dedup_key:
-        raise ServiceError(
-            HTTPStatus.UNPROCESSABLE_ENTITY,
-            "idempotency_key_reused",
-            "this Idempotency-Key was used for a different upload",
-            scan_id=scan.id,
-        )
-    return scan, False
 
 
 @router.post(
@@ -99,111 +58,22 @@ async def create_scan(
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> ScanPublic:
     """Upload a checkpoint (and optional clean samples / training data) and queue a scan of it."""
-    key = _idempotency_key(idempotency_key)
-    settings = state.settings
-    scan_id = new_scan_id()
-    files = ScanFiles(settings.scans_dir, scan_id)
+    submission = ScanSubmission(state, idempotency_key)
     parsed = await parse_upload(
         request.stream(),
         request.headers.get("content-type"),
         request.headers.get("content-length"),
-        files,
+        submission.files,
         FILE_FIELDS,
-        frozenset([*ScanOptions.model_fields, "callback_url"]),
-        settings.max_upload_bytes,
+        TEXT_FIELDS,
+        state.settings.max_upload_bytes,
         on_bytes=state.metrics.upload_bytes.inc,
     )
-    try:
-        scan, created = await run_in_threadpool(_accept, state, scan_id, files, parsed.files, parsed.fields, key)
-    except BaseException:
-        files.remove()
-        raise
+    scan, created = await submission.submit(parsed)
     if not created:
-        files.remove()
         response.status_code = HTTPStatus.OK
-    else:
-        logger.info("scan queued", extra={"scan_id": scan.id, "sha256": scan.model_sha256})
     response.headers["Location"] = f"/v1/scans/{scan.id}"
     return ScanPublic.of(scan)
-
-
-def _accept(
-    state: StateDep, scan_id: str, files: ScanFiles, uploaded: dict[str, Any], fields: dict[str, str], key: str | None
-) -> tuple[Scan, bool]:
-    """Validate, check the model file, then insert and enqueue (or return the scan this upload repeats)."""
-    if "model" not in uploaded:
-        raise ServiceError(HTTPStatus.UNPROCESSABLE_ENTITY, "missing_model", "the 'model' file part is required")
-    for name, info in uploaded.items():
-        if info.size_bytes == 0:
-            raise ServiceError(HTTPStatus.UNPROCESSABLE_ENTITY, "empty_file", f"the {name!r} file is empty")
-    fields = dict(fields)
-    callback_url = fields.pop("callback_url", None) or None
-    if callback_url is not None:
-        problem = check_callback_url(callback_url)
-        if problem is not None:
-            raise ServiceError(HTTPStatus.UNPROCESSABLE_ENTITY, "invalid_callback_url", problem)
-        if state.settings.webhook_secret is None:
-            raise ServiceError(
-                HTTPStatus.UNPROCESSABLE_ENTITY,
-                "webhooks_not_configured",
-                "this server has no webhook secret (BDS_WEBHOOK_SECRET), so it sends no callbacks",
-            )
-    try:
-        options = ScanOptions.model_validate(fields)
-    except ValidationError as exc:
-        errors = [
-            {"loc": [str(part) for part in error["loc"]], "msg": error["msg"], "type": error["type"]}
-            for error in exc.errors(include_url=False, include_context=False, include_input=False)
-        ]
-        detail = "; ".join(f"{'.'.join(e['loc'])}: {e['msg']}" for e in errors)
-        raise ServiceError(HTTPStatus.UNPROCESSABLE_ENTITY, "invalid_options", detail, errors=errors) from None
-    if options.trust_code and not state.settings.allow_torchscript:
-        raise ServiceError(
-            HTTPStatus.FORBIDDEN,
-            "trust_code_not_allowed",
-            "this server does not load TorchScript (it runs code when loaded); export the model with torch.export",
-        )
-    try:
-        config = scan_config(options)
-    except ScannerError as exc:
-        raise scanner_problem(exc) from None
-
-    dedup_key = _dedup_key(uploaded, options)
-    store = state.store
-    if key is not None:
-        existing = store.by_idempotency_key(key)
-        if existing is not None:
-            return _repeated(existing, dedup_key)
-    existing = store.reusable(dedup_key)
-    if existing is not None:
-        return existing, False
-
-    model_path = files.upload("model")
-    try:
-        report = check_model_file(model_path, config.model)
-    except ScannerError as exc:
-        raise scanner_problem(exc, (model_path.name, uploaded["model"].filename)) from None
-
-    scan, created = store.create(
-        NewScan(
-            id=scan_id,
-            model=uploaded["model"],
-            model_format=report.format.value,
-            data=uploaded.get("data"),
-            training_data=uploaded.get("training_data"),
-            options=options.model_dump(mode="json", exclude_defaults=True),
-            dedup_key=dedup_key,
-            idempotency_key=key,
-            callback_url=callback_url,
-        )
-    )
-    if not created:  # a concurrent request inserted first: its scan (the caller removes this upload's files)
-        return _repeated(scan, dedup_key)
-    try:
-        state.queue.enqueue(scan.id)
-    except Exception:  # the row is the truth: a worker's reaper enqueues queued scans the queue lacks
-        logger.exception("enqueue failed; the reaper will enqueue the scan", extra={"scan_id": scan.id})
-    return scan, True
 
 
 @router.get("", response_model=ScanList, responses=_AUTH)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from scanner.architectures import build_architecture
+from scanner.loading.architectures import build_architecture
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from scanner.attacks import patch_trigger
-from scanner.datasets import MnistSplit
-from scanner.detectors import _evidence
+from scanner.detectors.neural_cleanse import _evidence
 from scanner.evidence import evidence_pngs, trigger_evidence
 from scanner.neural_cleanse import ClassTrigger
+from scanner.testing.attacks import patch_trigger
+from scanner.testing.mnist import MnistSplit
+from scanner.trigger import Trigger
 from tests.factories import BadNetsModel
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -73,7 +74,7 @@ def test_only_target_samples_is_refused(badnets: BadNetsModel, mnist: MnistSplit
 
 def test_a_failing_evidence_is_reported_not_raised(badnets: BadNetsModel, mnist: MnistSplit) -> None:
     wrong_size = ClassTrigger(
-        target=0, mask=torch.ones(5, 5), pattern=torch.ones(1, 5, 5), mask_l1=25.0, reached_threshold=True, steps=1
+        target=0, trigger=Trigger(torch.ones(5, 5), torch.ones(1, 5, 5)), mask_l1=25.0, reached_threshold=True, steps=1
     )
     entry, pngs = _evidence(badnets.model, mnist.test_images[:20], mnist.test_labels[:20], wrong_size, int)
     assert entry["status"] == "error"

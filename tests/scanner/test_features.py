@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from scanner.architectures import build_architecture
+from scanner.classifier import with_normalization
 from scanner.config import ModelOptions
-from scanner.data import with_normalization
 from scanner.features import FeatureExtractionError, penultimate_features
-from scanner.formats import load_model
+from scanner.loading import load_model
+from scanner.loading.architectures import build_architecture
 
 CPU = torch.device("cpu")
 

@@ -9,14 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from scanner.attacks import Trigger, patch_trigger
+from scanner.classifier import with_normalization
 from scanner.config import ModelOptions
-from scanner.data import with_normalization
-from scanner.datasets import MnistSplit
 from scanner.errors import GradCamUnavailableError
-from scanner.formats import load_model
 from scanner.gradcam import grad_cam, heat_fraction_inside, last_conv_layer
+from scanner.loading import load_model
 from scanner.neural_cleanse import reverse_engineer_triggers
+from scanner.testing.attacks import patch_trigger
+from scanner.testing.mnist import MnistSplit
+from scanner.trigger import Trigger
 from tests.factories import BadNetsModel
 
 CPU = torch.device("cpu")

@@ -11,9 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from scanner.attacks import Trigger, attack_success_rate
 from scanner.config import NeuralCleanseConfig
-from scanner.datasets import MnistSplit
 from scanner.errors import InvalidOptionError
 from scanner.neural_cleanse import (
     ClassTrigger,
@@ -27,6 +25,8 @@ from scanner.neural_cleanse import (
     reverse_engineer_triggers,
 )
 from scanner.stats import null_max_index_quantile, small_outliers
+from scanner.testing.mnist import MnistSplit
+from scanner.trigger import Trigger, attack_success_rate
 from tests.factories import BadNetsModel
 
 SAMPLES = 200  # clean samples given to the detector: 20 per class
@@ -214,7 +214,7 @@ def test_saturated_masks_stay_inside_the_unit_range() -> None:
 
 
 def test_class_trigger_is_frozen() -> None:
-    trigger = ClassTrigger(0, torch.zeros(2, 2), torch.zeros(1, 2, 2), 0.0, True, 1)
+    trigger = ClassTrigger(0, Trigger(torch.zeros(2, 2), torch.zeros(1, 2, 2)), 0.0, True, 1)
     with pytest.raises(AttributeError):
         trigger.target = 1  # type: ignore[misc]
 
@@ -305,7 +305,7 @@ def test_close_call_gets_a_confirmation_round(badnets: BadNetsModel, mnist: Mnis
 
 
 def test_model_weights_are_left_untouched(mnist: MnistSplit) -> None:
-    from scanner.architectures import build_architecture
+    from scanner.loading.architectures import build_architecture
 
     model = build_architecture("mnist_cnn", 10).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -8,11 +7,6 @@ import pytest
 import torch
 from torch import nn
 
-from scanner.attacks import BadNetsRecipe
-from scanner.config import ScanConfig
-from scanner.data import Samples
-from scanner.datasets import MnistSplit
-from scanner.detectors import ScanInputs
 from scanner.errors import InvalidOptionError
 from scanner.spectral import (
     MIN_CLASS_SAMPLES,
@@ -20,12 +14,11 @@ from scanner.spectral import (
     SpectralReport,
     class_splits,
     detect_poisoned_samples,
-    needs_training_data,
-    spectral_detector,
     trigger_persistence,
 )
-from scanner.training import train_mnist_cnn
-from scanner.verdict import DetectorStatus
+from scanner.testing.attacks import BadNetsRecipe
+from scanner.testing.mnist import MnistSplit
+from scanner.testing.training import train_mnist_cnn
 from tests.factories import BadNetsModel, one_intraop_thread
 
 CPU = torch.device("cpu")
@@ -196,78 +189,6 @@ def test_clean_model_flags_nothing(clean_model: nn.Module, mnist: MnistSplit) ->
     assert report.flagged_classes == ()
     assert report.persistence == {}
     assert len(report.classes) == 10
-
-
-def _inputs(model: nn.Module, training: Samples | None, progress: list[tuple[float, str, str]]) -> ScanInputs:
-    return ScanInputs(
-        model=model,
-        num_classes=10,
-        input_shape=(1, 28, 28),
-        clean=None,
-        training=training,
-        config=ScanConfig(),
-        device=CPU,
-        progress=lambda fraction, stage, message: progress.append((fraction, stage, message)),
-    )
-
-
-def test_detector_reports_flagged_class_and_capped_suspicious_list(badnets: BadNetsModel) -> None:
-    progress: list[tuple[float, str, str]] = []
-    training = Samples(images=badnets.poisoned.images, labels=badnets.poisoned.labels)
-    inputs = _inputs(badnets.model, training, progress)
-    assert needs_training_data(inputs) is None
-    result = spectral_detector(inputs, SpectralConfig(max_listed=25))
-
-    assert result.status is DetectorStatus.OK
-    assert result.flagged_classes == (badnets.target,)
-    verdict = json.loads(json.dumps(result.to_dict()))  # JSON-ready
-    assert verdict["flagged_classes"] == [badnets.target]
-    entry = next(item for item in verdict["classes"] if item["class"] == badnets.target)
-    assert entry["flagged"] is True
-    assert entry["score"] > verdict["threshold"]
-    assert len(entry["suspicious"]) == 25
-    assert entry["suspicious_truncated"] is True
-    scores = [item["score"] for item in entry["suspicious"]]
-    assert scores == sorted(scores, reverse=True)
-    assert 0.4 < entry["estimated_poisoned_fraction"] < 0.6
-    assert verdict["estimated_poisoned_samples"] == entry["suspicious_count"]
-    assert not any(item["flagged"] for item in verdict["classes"] if item["class"] != badnets.target)
-
-    # The artifact lists every suspicious sample; its indices point into the uploaded training data.
-    artifact = json.loads(result.artifacts[verdict["artifacts"]["suspicious_json"]])
-    listed = [item["index"] for item in artifact["classes"][str(badnets.target)]]
-    assert len(listed) == entry["suspicious_count"]
-    assert [item["index"] for item in entry["suspicious"]] == listed[:25]
-    poisoned = set(badnets.poisoned.poisoned_indices.tolist())
-    assert len(poisoned & set(listed)) >= 0.9 * len(poisoned)
-
-    assert {stage for _, stage, _ in progress} == {"spectral_signatures"}
-    assert all(0.0 <= fraction <= 1.0 for fraction, _, _ in progress)
-
-
-def test_detector_names_image_paths_of_imagefolder_uploads(badnets: BadNetsModel) -> None:
-    images, labels = badnets.poisoned.images, badnets.poisoned.labels
-    paths = tuple(f"{int(label)}/{row:05d}.png" for row, label in enumerate(labels))
-    result = spectral_detector(_inputs(badnets.model, Samples(images=images, labels=labels, paths=paths), []))
-    entry = next(item for item in result.details["classes"] if item["flagged"])
-    assert all(item["path"] == paths[item["index"]] for item in entry["suspicious"])
-
-
-def test_detector_is_skipped_without_training_data(clean_model: nn.Module) -> None:
-    inputs = _inputs(clean_model, None, [])
-    assert needs_training_data(inputs) == "no training data given (training_data)"
-    assert spectral_detector(inputs).to_dict() == {
-        "status": "skipped",
-        "reason": "no training data given (training_data)",
-    }
-
-
-def test_detector_needs_three_classes_with_enough_samples(clean_model: nn.Module, mnist: MnistSplit) -> None:
-    keep = mnist.train_labels < 2
-    training = Samples(images=mnist.train_images[keep], labels=mnist.train_labels[keep])
-    reason = needs_training_data(_inputs(clean_model, training, []))
-    assert reason is not None
-    assert "at least 3 classes" in reason
 
 
 @pytest.mark.slow

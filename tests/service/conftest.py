@@ -21,9 +21,10 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import save_file
 
-from scanner.datasets import MnistSplit
+from scanner.testing.mnist import MnistSplit
 from service.config import Settings
-from service.jobs import JobStore, create_db_engine
+from service.db import create_db_engine
+from service.jobs import JobStore
 from service.main import create_app
 from service.queue import ScanQueue
 from service.worker import ScanExecutor
@@ -65,7 +66,7 @@ def make_client(tmp_path: Path) -> Iterator[Callable[..., TestClient]]:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from scanner.architectures import build_architecture
+    from scanner.loading.architectures import build_architecture
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("api") / "tiny.safetensors"
@@ -99,7 +100,7 @@ def service_files(
     tmp_path_factory: pytest.TempPathFactory, badnets: BadNetsModel, clean_model: torch.nn.Module, mnist: MnistSplit
 ) -> dict[str, Path]:
     """A BadNets model as .pt2, a clean one as safetensors, 200 clean samples, and a tiny model for quick scans."""
-    from scanner.architectures import build_architecture
+    from scanner.loading.architectures import build_architecture
 
     root = tmp_path_factory.mktemp("service-files")
     program = torch.export.export(

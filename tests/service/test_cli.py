@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from scanner.datasets import MnistSplit
+from scanner.testing.mnist import MnistSplit
 from service.cli import main
 from tests.factories import BadNetsModel, to_uint8, write_npz
 from tests.malicious import EXPECTED_FINDINGS, MALICIOUS_BUILDERS
@@ -38,7 +38,7 @@ def scan_json(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int,
 
 @pytest.fixture(scope="module")
 def mnist_safetensors(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from scanner.architectures import build_architecture
+    from scanner.loading.architectures import build_architecture
 
     torch.manual_seed(0)
     model = build_architecture("mnist_cnn", 10)
@@ -49,7 +49,7 @@ def mnist_safetensors(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def mnist_pt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from scanner.architectures import build_architecture
+    from scanner.loading.architectures import build_architecture
 
     torch.manual_seed(0)
     model = build_architecture("mnist_cnn", 10).eval()
@@ -225,7 +225,7 @@ def test_scan_data_that_does_not_fit_the_model(
 
 
 def test_scan_torchscript_needs_trust_code(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from scanner.architectures import build_architecture
+    from scanner.loading.architectures import build_architecture
 
     path = tmp_path / "scripted.pt"
     torch.jit.save(torch.jit.script(build_architecture("mnist_cnn", 10).eval()), str(path))

@@ -18,8 +18,10 @@ from alembic.config import Config
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, insert, select
 
-import service.jobs
-from service.jobs import FileInfo, JobStatus, JobStore, NewScan, Scan, create_db_engine, migrate, new_scan_id, utcnow
+import service.db
+from service.db import create_db_engine, migrate
+from service.jobs import FileInfo, JobStore, NewScan, new_scan_id, utcnow
+from service.models import JobStatus, Scan
 from service.storage import client_filename
 from tests.service.conftest import AUTH, Server
 
@@ -154,7 +156,7 @@ def test_a_failed_or_cancelled_scan_does_not_block_a_new_one(sqlite_store: JobSt
 def upgrade_to(engine: Engine, revision: str) -> None:
     """Migrate an empty database to an old revision (as a deployment of that version left it)."""
     config = Config()
-    config.set_main_option("script_location", str(Path(service.jobs.__file__).parent / "migrations"))
+    config.set_main_option("script_location", str(Path(service.db.__file__).parent / "migrations"))
     with engine.begin() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, revision)

@@ -30,7 +30,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy.engine import make_url
 
 from service.config import Settings
-from service.jobs import FileInfo, JobStatus, JobStore, NewScan, create_db_engine, migrate, new_scan_id, utcnow
+from service.db import create_db_engine, migrate
+from service.jobs import FileInfo, JobStore, NewScan, new_scan_id, utcnow
+from service.models import JobStatus
 from service.queue import build_huey
 from tests.service.conftest import Server, WorkerProcess, free_port, submit, wait_for
 from tests.service.test_hostile import (
@@ -213,7 +215,7 @@ def tiny_scans(client: Any, service_files: dict[str, Path], seeds: range) -> lis
 def test_concurrent_starts_migrate_postgresql_once(postgres_url: str, tmp_path: Path) -> None:
     """An API and several workers starting together on an empty database: one migrates, the others wait."""
     code = (
-        "import sys, time; from pathlib import Path; from service.jobs import create_db_engine, migrate\n"
+        "import sys, time; from pathlib import Path; from service.db import create_db_engine, migrate\n"
         "engine = create_db_engine(sys.argv[1]); engine.connect().close(); Path(sys.argv[2]).touch()\n"
         "while not Path(sys.argv[3]).exists(): time.sleep(0.001)\n"
         "migrate(engine)\n"

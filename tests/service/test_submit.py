@@ -20,7 +20,7 @@ from service.cli import main
 from service.client import ClientError, ProblemError, RetryPolicy, ScanClient
 from tests.factories import BadNetsModel
 from tests.malicious import EXPECTED_FINDINGS, MALICIOUS_BUILDERS
-from tests.scanner.test_sarif import validate_sarif
+from tests.scanner.render.test_sarif import validate_sarif
 from tests.service.conftest import API_KEY, Server, free_port
 
 Run = Callable[..., tuple[int, str, str]]

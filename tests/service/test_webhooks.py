@@ -13,14 +13,8 @@ from typing import Any, ClassVar
 import pytest
 from fastapi.testclient import TestClient
 
-from service.webhooks import (
-    WebhookVerificationError,
-    check_callback_url,
-    new_secret,
-    secret_key,
-    sign,
-    verify,
-)
+from service.signing import WebhookVerificationError, new_secret, secret_key, sign, verify
+from service.webhooks import check_callback_url
 from tests.service.conftest import Server, assert_problem, post_scan, submit, wait_for
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # the example secret of the Standard Webhooks spec

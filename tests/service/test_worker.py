@@ -15,7 +15,9 @@ import pytest
 from sqlalchemy import update
 
 from service.config import Settings
-from service.jobs import FileInfo, JobStatus, JobStore, NewScan, Scan, create_db_engine, migrate, new_scan_id, utcnow
+from service.db import create_db_engine, migrate
+from service.jobs import FileInfo, JobStore, NewScan, new_scan_id, utcnow
+from service.models import JobStatus, Scan
 from service.queue import ScanQueue
 from service.storage import ScanFiles
 from service.worker import Reaper, ScanExecutor

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scanner.datasets import MnistSplit
+from scanner.testing.mnist import MnistSplit
 from tests.factories import to_uint8, write_npz
 from tests.service.conftest import Server, submit, wait_for
 

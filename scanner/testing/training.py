@@ -2,9 +2,9 @@
 
 Not part of a scan: the scanner never trains the model it inspects. These helpers exist so that
 tests and ``bench/`` build the same clean and backdoored classifiers from one recipe
-(:func:`train_mnist_cnn` here, :class:`scanner.attacks.BadNetsRecipe` for the poisoning)::
+(:func:`train_mnist_cnn` here, :class:`scanner.testing.attacks.BadNetsRecipe` for the poisoning)::
 
-    split = load_mnist_split()                      # scanner.datasets
+    split = load_mnist_split()                      # scanner.testing.mnist
     clean = train_mnist_cnn(split.train_images, split.train_labels, device=device)
     trigger, poisoned = BadNetsRecipe().poison(split.train_images, split.train_labels)
     backdoored = train_mnist_cnn(poisoned.images, poisoned.labels, device=device)
@@ -16,9 +16,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from scanner.architectures import build_architecture
+from scanner.classifier import predict
+from scanner.loading.architectures import build_architecture
 
-__all__ = ["accuracy", "predict", "train_classifier", "train_mnist_cnn"]
+__all__ = ["accuracy", "train_classifier", "train_mnist_cnn"]
 
 
 def _check_pairs(images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -84,25 +85,6 @@ def train_classifier(
     return model.eval()
 
 
-@torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, *, device: torch.device, batch_size: int = 512) -> torch.Tensor:
-    """Predicted class of each image, computed in batches without gradients.
-
-    Args:
-        model: classifier in eval mode, already on ``device``.
-        images: inputs, shape ``(N, C, H, W)``; moved to ``device`` one batch at a time.
-        device: where the model runs.
-        batch_size: images per forward pass.
-
-    Returns:
-        int64 class indices, shape ``(N,)``, on ``device``.
-    """
-    outputs = [model(batch.to(device)).argmax(dim=1) for batch in torch.split(images, batch_size)]
-    if not outputs:
-        return torch.empty(0, dtype=torch.int64, device=device)
-    return torch.cat(outputs)
-
-
 def accuracy(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, device: torch.device, batch_size: int = 512
 ) -> float:
@@ -141,7 +123,7 @@ def train_mnist_cnn(
 ) -> nn.Module:
     """The recipe for test and benchmark models: a seeded ``mnist_cnn`` trained with :func:`train_classifier`.
 
-    On the 4,000-image train split of :func:`scanner.datasets.load_mnist_split` the defaults
+    On the 4,000-image train split of :func:`scanner.testing.mnist.load_mnist_split` the defaults
     reach about 96% test accuracy in a few seconds on two CPU cores.
 
     Args:

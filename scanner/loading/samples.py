@@ -1,4 +1,4 @@
-"""Sample sets for the detectors: ``.npz`` or ImageFolder ``.zip`` -> tensors, normalisation, fit check.
+"""Sample sets for the detectors: ``.npz`` or ImageFolder ``.zip`` -> tensors, under caps, without extracting.
 
 Both accepted formats are zip archives and both are untrusted, so they are read the same careful
 way: the central directory is checked against :class:`~scanner.config.DataLimits` (member count,
@@ -14,8 +14,7 @@ the sizes that get read.
   decoded from memory by Pillow, restricted to common raster formats, after their header size
   has been checked.
 
-Detectors work in [0, 1] pixel space; a model trained on normalised inputs is wrapped in
-:class:`NormalizedClassifier` so that normalisation happens inside the model.
+Whether the samples fit the model is checked by :func:`scanner.classifier.check_samples`.
 """
 
 from __future__ import annotations
@@ -28,26 +27,22 @@ import re
 import stat
 import zipfile
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from torch import nn
 
 from scanner.config import MAX_SIDE, DataLimits
 from scanner.errors import DataModelMismatchError, InvalidDataError, InvalidOptionError
-from scanner.model_file import zip_member_count
+from scanner.loading.sniff import zip_member_count
 from scanner.stats import seeded_subset
 
 __all__ = [
-    "NormalizedClassifier",
     "Samples",
-    "check_samples_against_model",
     "load_samples",
-    "with_normalization",
 ]
 
 # Members smaller than this are exempt from the compression-ratio check: a tiny file that
@@ -65,7 +60,6 @@ _NPY_HEADER_READERS = {
     (1, 0): np.lib.format.read_array_header_1_0,
     (2, 0): np.lib.format.read_array_header_2_0,
 }
-_CHECK_BATCH = 8
 _READ_CHUNK = 1 << 20
 _NPY_HEADER_MAX = 1 << 20  # numeric arrays need a few hundred bytes of header; a longer one does not parse
 _PROGRESS_EVERY = 256  # images decoded between progress calls (a cancel is honoured between them)
@@ -507,101 +501,3 @@ def _decode(image: Image.Image, mode: str, name: str) -> np.ndarray:
         return np.asarray(image.convert(mode), dtype=np.uint8)
     except Exception as error:  # Pillow raises many exception types on malformed untrusted input.
         raise InvalidDataError(f"{name!r}: the image cannot be decoded: {error}") from error
-
-
-# --- model side -------------------------------------------------------------------------------
-
-
-class NormalizedClassifier(nn.Module):
-    """Wrap a classifier so that it takes [0, 1] pixels: ``forward(x) = model((x - mean) / std)``.
-
-    ``mean`` and ``std`` are per-channel buffers of shape ``(1, C, 1, 1)`` (or ``(1, 1, 1, 1)``,
-    broadcast to all channels); they move with ``.to(device)``. The wrapped classifier stays
-    reachable as ``.model`` (for feature hooks).
-
-    Args:
-        model: classifier trained on normalised inputs.
-        mean: per-channel mean, in [0, 1] pixel units.
-        std: per-channel standard deviation, all > 0.
-
-    Raises:
-        InvalidOptionError: ``mean`` and ``std`` differ in length, are empty, or a std is not positive.
-    """
-
-    mean: torch.Tensor
-    std: torch.Tensor
-
-    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
-        super().__init__()
-        if len(mean) != len(std) or not mean:
-            raise InvalidOptionError(f"mean and std need the same non-zero length; got {len(mean)} and {len(std)}")
-        if any(not value > 0 for value in std):
-            raise InvalidOptionError(f"std values must be > 0, got {tuple(std)}")
-        self.model = model
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits ``(N, K)`` for images ``(N, C, H, W)`` in [0, 1]."""
-        output: torch.Tensor = self.model((images - self.mean) / self.std)
-        return output
-
-
-def with_normalization(model: nn.Module, mean: Sequence[float] | None, std: Sequence[float] | None) -> nn.Module:
-    """``model`` wrapped in :class:`NormalizedClassifier`, or ``model`` itself when no normalisation is given.
-
-    Raises:
-        InvalidOptionError: only one of ``mean`` and ``std`` is given, or they are invalid.
-    """
-    if mean is None and std is None:
-        return model
-    if mean is None or std is None:
-        raise InvalidOptionError("mean and std must be given together")
-    return NormalizedClassifier(model, mean, std)
-
-
-def check_samples_against_model(
-    model: nn.Module, samples: Samples, *, num_classes: int | None, device: torch.device
-) -> int:
-    """Forward the first few samples to check that they fit the model; returns the class count K.
-
-    Args:
-        model: classifier in eval mode on ``device``, taking ``(N, C, H, W)`` in [0, 1]
-            (wrap it with :func:`with_normalization` first).
-        samples: the sample set.
-        num_classes: the class count the caller expects, if known.
-        device: where the model runs.
-
-    Returns:
-        K, the number of logits the model outputs.
-
-    Raises:
-        DataModelMismatchError: the model fails on the sample shape, its output is not ``(N, K)``
-            with ``K >= 2``, or a label is ``>= K``.
-        InvalidOptionError: ``K`` differs from ``num_classes`` (the option disagrees with the model).
-    """
-    batch = samples.images[:_CHECK_BATCH].to(device)
-    try:
-        with torch.no_grad():
-            logits = model(batch)
-    # RuntimeError: eager shape errors; AssertionError: guards of torch.export programs;
-    # ValueError: torch's own argument checks.
-    except (RuntimeError, AssertionError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DataModelMismatchError(
-            f"the model cannot classify samples of shape {samples.sample_shape} (C, H, W): {first_line}"
-        ) from error
-    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != len(batch):
-        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise DataModelMismatchError(f"the model must output logits of shape ({len(batch)}, K); got {shape}")
-    classes = logits.shape[1]
-    if classes < 2:
-        raise DataModelMismatchError(f"the model outputs {classes} logit per sample; a classifier needs at least 2")
-    if num_classes is not None and classes != num_classes:
-        raise InvalidOptionError(f"num_classes is {num_classes} but the model outputs {classes} logits")
-    max_label = int(samples.labels.max())
-    if max_label >= classes:
-        raise DataModelMismatchError(
-            f"the samples have label {max_label} but the model has {classes} classes (labels must be < {classes})"
-        )
-    return classes

@@ -1,4 +1,4 @@
-"""``scanner.sarif``: SARIF 2.1.0 logs of hand-made verdicts, each validated against the official schema.
+"""``scanner.render.sarif``: SARIF 2.1.0 logs of hand-made verdicts, each validated against the official schema.
 
 The schema (``tests/sarif-schema-2.1.0.json``) is OASIS's SARIF 2.1.0 schema, errata 01 (its ``id`` is
 https://docs.oasis-open.org/sarif/sarif/v2.1.0/errata01/os/schemas/sarif-schema-2.1.0.json), JSON Schema draft 4.
@@ -18,9 +18,9 @@ from typing import Any
 import jsonschema
 import pytest
 
-from scanner.sarif import RULES, SARIF_SCHEMA_URI, sarif_log, verdict_from_problem
+from scanner.render.sarif import RULES, SARIF_SCHEMA_URI, sarif_log, verdict_from_problem
 
-SCHEMA_PATH = Path(__file__).resolve().parents[1] / "sarif-schema-2.1.0.json"
+SCHEMA_PATH = Path(__file__).resolve().parents[3] / "tests" / "sarif-schema-2.1.0.json"
 
 
 @cache

@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from scanner.datasets import MnistSplit
-from scanner.html_report import render_html
+from scanner.render.html import render_html
+from scanner.testing.mnist import MnistSplit
 from service.cli import main
 from tests.factories import BadNetsModel, to_uint8, write_npz
 

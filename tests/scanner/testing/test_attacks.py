@@ -1,4 +1,4 @@
-"""BadNets toolkit: trigger math, poisoning, and the trained fixtures that the detector tests rely on."""
+"""BadNets toolkit: trigger construction, poisoning, and the trained fixtures that the detector tests rely on."""
 
 from __future__ import annotations
 
@@ -9,16 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from scanner.attacks import (
-    BadNetsRecipe,
-    Trigger,
-    attack_success_rate,
-    blend_trigger,
-    patch_trigger,
-    poison_dataset,
-)
-from scanner.datasets import MnistSplit, load_mnist_subset, stratified_split
-from scanner.training import accuracy, train_mnist_cnn
+from scanner.testing.attacks import BadNetsRecipe, blend_trigger, patch_trigger, poison_dataset
+from scanner.testing.mnist import MnistSplit, load_mnist_subset, stratified_split
+from scanner.testing.training import accuracy, train_mnist_cnn
+from scanner.trigger import attack_success_rate
 from tests.factories import BadNetsModel, one_intraop_thread
 
 CPU = torch.device("cpu")
@@ -26,32 +20,6 @@ CPU = torch.device("cpu")
 
 def _images(count: int = 20, shape: tuple[int, int, int] = (1, 8, 8), seed: int = 0) -> torch.Tensor:
     return torch.rand(count, *shape, generator=torch.Generator().manual_seed(seed))
-
-
-def test_stamp_blends_mask_and_pattern() -> None:
-    mask = torch.zeros(4, 4)
-    mask[0, 0], mask[1, 1] = 1.0, 0.25
-    pattern = torch.full((2, 4, 4), 0.8)
-    images = torch.full((3, 2, 4, 4), 0.4)
-
-    stamped = Trigger(mask=mask, pattern=pattern).stamp(images)
-
-    assert stamped.shape == images.shape
-    assert torch.allclose(stamped[:, :, 0, 0], torch.tensor(0.8))
-    assert torch.allclose(stamped[:, :, 1, 1], torch.tensor(0.75 * 0.4 + 0.25 * 0.8))
-    assert torch.equal(stamped[:, :, 2:, 2:], images[:, :, 2:, 2:])
-
-
-def test_stamp_follows_input_dtype_and_accepts_a_single_image() -> None:
-    trigger = patch_trigger((1, 8, 8), size=2)
-    stamped = trigger.stamp(_images(2).double())
-    assert stamped.dtype == torch.float64
-    assert trigger.stamp(_images(1)[0]).shape == (1, 8, 8)
-
-
-def test_stamp_rejects_wrong_image_shape() -> None:
-    with pytest.raises(ValueError, match=r"\(1, 8, 8\)"):
-        patch_trigger((1, 8, 8)).stamp(torch.zeros(2, 3, 8, 8))
 
 
 @pytest.mark.parametrize(
@@ -93,13 +61,6 @@ def test_patch_trigger_checkerboard_and_tensor_patterns() -> None:
 def test_patch_trigger_rejects_bad_arguments(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         patch_trigger((1, 8, 8), **kwargs)  # type: ignore[arg-type]
-
-
-def test_trigger_rejects_out_of_range_values() -> None:
-    with pytest.raises(ValueError, match=r"mask values must be in \[0, 1\]"):
-        Trigger(mask=torch.full((2, 2), 1.5), pattern=torch.zeros(1, 2, 2))
-    with pytest.raises(ValueError, match="same H, W"):
-        Trigger(mask=torch.zeros(2, 2), pattern=torch.zeros(1, 3, 3))
 
 
 def test_blend_trigger_mask_is_alpha_everywhere_and_noise_is_seeded() -> None:

@@ -26,6 +26,8 @@ from pathlib import Path, PurePath
 from typing import Any
 from urllib.parse import quote
 
+from scanner._version import __version__
+
 __all__ = ["RULES", "SARIF_SCHEMA_URI", "SARIF_VERSION", "sarif_log", "verdict_from_problem"]
 
 SARIF_VERSION = "2.1.0"
@@ -305,7 +307,7 @@ def sarif_log(verdict: Mapping[str, Any], model_path: PurePath | str, *, base: P
                 "tool": {
                     "driver": {
                         "name": TOOL_NAME,
-                        "version": str(scanner_info.get("version") or _version()),
+                        "version": str(scanner_info.get("version") or __version__),
                         "rules": [dict(rule) for rule in RULES],
                     }
                 },
@@ -316,9 +318,3 @@ def sarif_log(verdict: Mapping[str, Any], model_path: PurePath | str, *, base: P
             }
         ],
     }
-
-
-def _version() -> str:
-    from scanner import __version__
-
-    return __version__

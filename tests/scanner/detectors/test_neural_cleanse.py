@@ -11,18 +11,18 @@ import torch
 from torch import nn
 
 from scanner.config import NeuralCleanseConfig, ScanConfig
-from scanner.data import Samples
-from scanner.datasets import MnistSplit
-from scanner.detectors import DETECTORS, ScanInputs
+from scanner.detectors import ScanInputs
+from scanner.detectors.neural_cleanse import NEURAL_CLEANSE
 from scanner.errors import TooFewClassesError
+from scanner.loading.samples import Samples
 from scanner.neural_cleanse import neural_cleanse
-from scanner.pipeline import _run_detector
+from scanner.pipeline import run_detector
+from scanner.testing.mnist import MnistSplit
 from scanner.verdict import DetectorResult, DetectorStatus, ModelInfo, ScannerInfo, Verdict, VerdictLabel
 from tests.factories import BadNetsModel
 
 SAMPLES = 200
 _CPU = torch.device("cpu")
-_NEURAL_CLEANSE = next(d for d in DETECTORS if d.name == "neural_cleanse")
 
 
 def _neural_cleanse_result(model: nn.Module, mnist: MnistSplit, config: NeuralCleanseConfig) -> DetectorResult:
@@ -35,9 +35,8 @@ def _neural_cleanse_result(model: nn.Module, mnist: MnistSplit, config: NeuralCl
         training=None,
         config=ScanConfig(neural_cleanse=config, detectors=("neural_cleanse",)),
         device=_CPU,
-        progress=lambda fraction, stage, message: None,
     )
-    return _run_detector(_NEURAL_CLEANSE, inputs)
+    return run_detector(NEURAL_CLEANSE, inputs, lambda fraction, message: None)
 
 
 def _label(result: DetectorResult) -> VerdictLabel:
