@@ -46,7 +46,6 @@ import queue
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -66,11 +65,13 @@ if TYPE_CHECKING:
     from multiprocessing.synchronize import Event
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # tests/ holds the server helpers that the service tests use too
+from tests.servers import FINAL, free_port  # noqa: E402
+
 CACHE = ROOT / ".bench-cache" / "service-load"
 API_KEY = "bench-key-0123456789abcdef"
 PROBE_INTERVAL_S = 0.05
 LOOP_PROBE_PATH = "/__loop_probe__"
-FINAL = ("succeeded", "failed", "cancelled")
 
 
 # ----------------------------------------------------------------------------------------------- files
@@ -180,13 +181,6 @@ def _timed_run(self):
 
 asyncio.events.Handle._run = _timed_run
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass

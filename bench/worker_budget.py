@@ -30,13 +30,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from service_load import API_KEY, FINAL, ROOT, Server, child_pids, free_port, prepare
+from service_load import API_KEY, ROOT, Server, child_pids, prepare
+
+from tests.servers import FINAL, free_port, wait_for
 
 CACHE = ROOT / ".bench-cache" / "worker-budget"
 SAMPLES = 199_999
@@ -132,16 +133,6 @@ def submit(http: httpx.Client, files: dict[str, Path], fields: dict[str, str]) -
             handle.close()
 
 
-def wait(http: httpx.Client, scan_id: str, timeout: float = 1800) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        scan: dict[str, Any] = http.get(f"/v1/scans/{scan_id}").json()
-        if scan["status"] in FINAL:
-            return scan
-        time.sleep(0.5)
-    raise TimeoutError(f"scan {scan_id} did not finish in {timeout} s")
-
-
 def run_case(case: Case) -> Outcome:
     with tempfile.TemporaryDirectory(prefix="bds-budget-") as workdir:
         server, worker = started_server(Path(workdir))
@@ -152,7 +143,7 @@ def run_case(case: Case) -> Outcome:
                 response = submit(http, case.files, case.fields)
                 body = response.json()
                 if response.status_code in (200, 202):
-                    scan = wait(http, body["id"])
+                    scan = wait_for(http, body["id"], timeout=1800, poll_s=0.5)
                     status = scan["status"]
                     result = scan["verdict"] if status == "succeeded" else (scan.get("error") or {}).get("code", "")
                 else:
@@ -203,7 +194,7 @@ def cancel_latencies(model: Path, samples: Path) -> list[tuple[str, float, str]]
                         time.sleep(0.05)
                     asked = time.monotonic()
                     http.post(f"/v1/scans/{scan_id}/cancel")
-                    final = wait(http, scan_id)
+                    final = wait_for(http, scan_id, timeout=1800, poll_s=0.5)
                     where = f"{progress.get('stage')}: {progress.get('message')}"
                     latencies.append((f"{stage} ({message or 'loading'})", time.monotonic() - asked, final["status"]))
                     print(f"  cancel in {where!r}: {latencies[-1][1]:.2f} s -> {final['status']}", flush=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,18 @@ def _finding_line(finding: object) -> str:
     if names:
         text = f"{finding.get('member')}: {', '.join(map(str, names))}: {text}"
     return text
+
+
+#: What the text report says about a flagged class, per detector: the statistic that crossed the threshold first.
+_FLAGGED_CLASS_LINES: dict[str, Callable[[Mapping[str, Any], object], str]] = {
+    "neural_cleanse": lambda entry, threshold: (
+        f"anomaly index {entry.get('anomaly_index')} (threshold {threshold}), trigger L1 {entry.get('mask_l1')},"
+        f" attack success {entry.get('attack_success_rate')}"
+    ),
+    "spectral_signatures": lambda entry, threshold: (
+        f"score {entry.get('score')} (threshold {threshold}), {entry.get('suspicious_count')} suspicious samples"
+    ),
+}
 
 
 def render_text(verdict: Mapping[str, Any], model_name: str) -> str:
@@ -67,21 +79,10 @@ def render_text(verdict: Mapping[str, Any], model_name: str) -> str:
             continue
         lines.append(f"  {name}: {_describe(detector)}")
         lines.extend(f"    - {_finding_line(finding)}" for finding in detector.get("findings") or ())
-        if name == "neural_cleanse":
-            for entry in detector.get("classes") or ():
-                if isinstance(entry, Mapping) and entry.get("flagged"):
-                    lines.append(
-                        f"    - class {entry.get('class')}: anomaly index {entry.get('anomaly_index')}"
-                        f" (threshold {detector.get('threshold')}), trigger L1 {entry.get('mask_l1')},"
-                        f" attack success {entry.get('attack_success_rate')}"
-                    )
-        if name == "spectral_signatures":
-            for entry in detector.get("classes") or ():
-                if isinstance(entry, Mapping) and entry.get("flagged"):
-                    lines.append(
-                        f"    - class {entry.get('class')}: score {entry.get('score')}"
-                        f" (threshold {detector.get('threshold')}), {entry.get('suspicious_count')} suspicious samples"
-                    )
+        flagged_line = _FLAGGED_CLASS_LINES.get(name)
+        for entry in detector.get("classes") or ():
+            if flagged_line is not None and isinstance(entry, Mapping) and entry.get("flagged"):
+                lines.append(f"    - class {entry.get('class')}: {flagged_line(entry, detector.get('threshold'))}")
     return "\n".join(lines)
 
 

@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from service.main import create_app
 from service.queue import ScanQueue
 from service.worker import ScanExecutor
 from tests.factories import BadNetsModel, to_uint8, write_npz
+from tests.servers import free_port
 
 API_KEY = "test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -117,13 +117,6 @@ def service_files(
         "data": root / "clean.npz",
         "tiny": root / "tiny.safetensors",
     }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -291,15 +284,3 @@ def make_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
 def submit(client: httpx.Client, files: dict[str, Path], **fields: str) -> httpx.Response:
     handles = {name: (path.name, path.read_bytes()) for name, path in files.items()}
     return client.post("/v1/scans", files=handles, data=fields)
-
-
-def wait_for(client: httpx.Client, scan_id: str, timeout: float = 240, until: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Poll a scan until it finishes (or reaches one of ``until``)."""
-    final = until or ("succeeded", "failed", "cancelled")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        scan: dict[str, Any] = client.get(f"/v1/scans/{scan_id}").json()
-        if scan["status"] in final:
-            return scan
-        time.sleep(0.25)
-    raise TimeoutError(f"scan {scan_id} still {scan['status']} after {timeout} s: {scan['progress']}")

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from tests.factories import BadNetsModel, to_uint8, write_npz
-from tests.service.conftest import API_KEY, Server, assert_problem, submit, wait_for
+from tests.servers import wait_for
+from tests.service.conftest import API_KEY, Server, assert_problem, submit
 from tests.service.test_swagger_ui import CHROMIUM, CHROMIUM_ARGS, MISSING, PNG_MAGIC
 
 pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")

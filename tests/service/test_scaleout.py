@@ -34,7 +34,8 @@ from service.db import create_db_engine, migrate
 from service.jobs import FileInfo, JobStore, NewScan, new_scan_id, utcnow
 from service.models import JobStatus
 from service.queue import build_huey
-from tests.service.conftest import Server, WorkerProcess, free_port, submit, wait_for
+from tests.servers import free_port, wait_for
+from tests.service.conftest import Server, WorkerProcess, submit
 from tests.service.test_hostile import (
     RACERS,
     SHOWN_NAME,

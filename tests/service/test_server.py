@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from tests.factories import BadNetsModel
-from tests.service.conftest import Server, submit, wait_for
+from tests.servers import wait_for
+from tests.service.conftest import Server, submit
 
 
 def test_backdoored_and_clean_models_get_the_right_verdicts(

@@ -21,7 +21,8 @@ from service.client import ClientError, ProblemError, RetryPolicy, ScanClient
 from tests.factories import BadNetsModel
 from tests.malicious import EXPECTED_FINDINGS, MALICIOUS_BUILDERS
 from tests.scanner.render.test_sarif import validate_sarif
-from tests.service.conftest import API_KEY, Server, free_port
+from tests.servers import free_port
+from tests.service.conftest import API_KEY, Server
 
 Run = Callable[..., tuple[int, str, str]]
 

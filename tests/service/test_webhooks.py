@@ -15,7 +15,8 @@ from fastapi.testclient import TestClient
 
 from service.signing import WebhookVerificationError, new_secret, secret_key, sign, verify
 from service.webhooks import check_callback_url
-from tests.service.conftest import Server, assert_problem, post_scan, submit, wait_for
+from tests.servers import wait_for
+from tests.service.conftest import Server, assert_problem, post_scan, submit
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # the example secret of the Standard Webhooks spec
 

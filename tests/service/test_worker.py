@@ -21,7 +21,8 @@ from service.models import JobStatus, Scan
 from service.queue import ScanQueue
 from service.storage import ScanFiles
 from service.worker import Reaper, ScanExecutor
-from tests.service.conftest import AUTH, Server, submit, wait_for
+from tests.servers import wait_for
+from tests.service.conftest import AUTH, Server, submit
 
 
 @pytest.fixture

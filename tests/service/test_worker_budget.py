@@ -13,7 +13,8 @@ import pytest
 
 from scanner.testing.mnist import MnistSplit
 from tests.factories import to_uint8, write_npz
-from tests.service.conftest import Server, submit, wait_for
+from tests.servers import wait_for
+from tests.service.conftest import Server, submit
 
 SAMPLES = 199_999
 #: The documented worker budget for this upload (README, "Memory"): 199,999 MNIST samples as float32 are 627 MB;
