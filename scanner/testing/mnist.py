@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["MnistSplit", "load_mnist_split", "load_mnist_subset", "stratified_split"]
+__all__ = ["MnistSplit", "load_mnist_split", "load_mnist_subset", "stratified_split", "two_digit_split"]
 
 _MNIST_RELATIVE_PATH = ("data", "data", "mnist_5k.csv.gz")
 _MNIST_SIDE = 28
@@ -136,3 +136,44 @@ def load_mnist_split(*, test_fraction: float = 0.2, seed: int = 0) -> MnistSplit
         test_images=pixels[test_index],
         test_labels=targets[test_index],
     )
+
+
+def two_digit_split(
+    split: MnistSplit, *, classes: int = 100, train_per_class: int = 60, test_per_class: int = 10, seed: int = 0
+) -> MnistSplit:
+    """A task with many classes from real digits: two MNIST digits side by side (1 x 28 x 56), class = the two-digit
+    number ``10 * left + right``, for the classes ``0 .. classes - 1`` (100: every pair; 43: ``00`` to ``42``).
+
+    Every class gets ``train_per_class`` composites drawn from ``split``'s training digits and ``test_per_class``
+    from its test digits (never mixed), the halves drawn at random with a seeded generator; the order is shuffled.
+
+    Raises:
+        ValueError: ``classes`` is not in [2, 100] or a count is not positive.
+    """
+    if not 2 <= classes <= 100:
+        raise ValueError(f"classes must be in [2, 100], got {classes}")
+    if train_per_class < 1 or test_per_class < 1:
+        raise ValueError(
+            f"train_per_class and test_per_class must be positive, got {train_per_class}, {test_per_class}"
+        )
+    generator = torch.Generator().manual_seed(seed)
+
+    def compose(images: torch.Tensor, labels: torch.Tensor, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+        by_digit = [torch.nonzero(labels == digit).squeeze(1) for digit in range(10)]
+        pairs = torch.arange(classes).repeat_interleave(per_class)
+        pairs = pairs[torch.randperm(len(pairs), generator=generator)]
+        left, right = pairs // 10, pairs % 10
+
+        def draw(digits: torch.Tensor) -> torch.Tensor:
+            rows = torch.empty(len(digits), dtype=torch.long)
+            for digit in range(10):
+                where = torch.nonzero(digits == digit).squeeze(1)
+                pool = by_digit[digit]
+                rows[where] = pool[torch.randint(len(pool), (len(where),), generator=generator)]
+            return images[rows]
+
+        return torch.cat([draw(left), draw(right)], dim=3), pairs
+
+    train_images, train_labels = compose(split.train_images, split.train_labels, train_per_class)
+    test_images, test_labels = compose(split.test_images, split.test_labels, test_per_class)
+    return MnistSplit(train_images, train_labels, test_images, test_labels)
