@@ -45,6 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from neural_cleanse import md_row, print_table  # the zoo bench's table helpers (bench/ is on sys.path as a script)
+
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".bench-cache" / "nc-uploads"
 MEAN, STD = 0.1307, 0.3081
@@ -235,17 +237,6 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ tables
-
-
-def md_row(cells: list[str]) -> str:
-    return "| " + " | ".join(cells) + " |"
-
-
-def print_table(header: list[str], rows: list[list[str]]) -> None:
-    print(md_row(header))
-    print("|" + "---|" * len(header))
-    for row in rows:
-        print(md_row(row))
 
 
 def cpu_name() -> str:
