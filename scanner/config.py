@@ -15,7 +15,9 @@ __all__ = [
     "NeuralCleanseConfig",
     "ScanConfig",
     "SpectralConfig",
+    "check_mean",
     "check_normalization",
+    "check_std",
 ]
 
 MAX_CLASSES = 100_000
@@ -29,11 +31,22 @@ MIN_STD = 1e-6
 MAX_STD = 1e3
 
 
+def check_mean(mean: Sequence[float]) -> None:
+    """Every mean finite and within ``MAX_ABS_MEAN``. Raises InvalidOptionError."""
+    if not all(math.isfinite(m) and abs(m) <= MAX_ABS_MEAN for m in mean):
+        raise InvalidOptionError(f"mean values must be finite and within +-{MAX_ABS_MEAN:g}, got {tuple(mean)}")
+
+
+def check_std(std: Sequence[float]) -> None:
+    """Every std finite and in ``[MIN_STD, MAX_STD]``. Raises InvalidOptionError."""
+    if not all(math.isfinite(s) and MIN_STD <= s <= MAX_STD for s in std):
+        raise InvalidOptionError(f"std values must be finite and in [{MIN_STD:g}, {MAX_STD:g}], got {tuple(std)}")
+
+
 def check_normalization(mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
     """The one check of the normalisation options (API, CLI and the model wrapper all rely on it).
 
-    Both or neither; the same non-zero length; every mean finite and within ``MAX_ABS_MEAN``; every std finite and
-    in ``[MIN_STD, MAX_STD]``.
+    Both or neither; the same non-zero length; :func:`check_mean` and :func:`check_std`.
 
     Raises:
         InvalidOptionError: any of these fails.
@@ -46,10 +59,8 @@ def check_normalization(mean: Sequence[float] | None, std: Sequence[float] | Non
         raise InvalidOptionError(f"mean has {len(mean)} values but std has {len(std)}")
     if not mean:
         raise InvalidOptionError("mean and std need at least one value")
-    if not all(math.isfinite(m) and abs(m) <= MAX_ABS_MEAN for m in mean):
-        raise InvalidOptionError(f"mean values must be finite and within +-{MAX_ABS_MEAN:g}, got {tuple(mean)}")
-    if not all(math.isfinite(s) and MIN_STD <= s <= MAX_STD for s in std):
-        raise InvalidOptionError(f"std values must be finite and in [{MIN_STD:g}, {MAX_STD:g}], got {tuple(std)}")
+    check_mean(mean)
+    check_std(std)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Scan options: ``ScanOptions`` (what the API accepts as form fields, the worker reads back from the job table and
 ``backdoor-scan scan`` builds from its flags) and :func:`scan_config`, the one place they become scanner config.
 
-Normalisation values are checked by the scanner's own :func:`scanner.config.check_normalization`, not again here.
+Normalisation values are checked by the scanner's own checks (:mod:`scanner.config`), not again here.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from scanner.config import ModelOptions, NeuralCleanseConfig, ScanConfig, SpectralConfig, check_normalization
+from scanner.config import ModelOptions, NeuralCleanseConfig, ScanConfig, SpectralConfig, check_mean, check_std
 from scanner.errors import InvalidOptionError
 from scanner.verdict import BACKDOOR_DETECTORS
 
@@ -103,13 +103,11 @@ class ScanOptions(BaseModel):
     @field_validator("mean", "std")
     @classmethod
     def _normalization(cls, values: list[float] | None, info: ValidationInfo) -> list[float] | None:
-        """Each value on its own, by the scanner's check (with a partner of neutral 1.0s, valid as either): an
-        error names the field. Whether mean and std go together is :func:`scan_config`'s question."""
+        """Each field by the scanner's own check, so that an error names the field; whether mean and std go
+        together is :func:`scan_config`'s question."""
         if values is not None:
-            neutral = [1.0] * len(values)
-            mean, std = (values, neutral) if info.field_name == "mean" else (neutral, values)
             try:
-                check_normalization(mean, std)
+                (check_mean if info.field_name == "mean" else check_std)(values)
             except InvalidOptionError as exc:
                 raise ValueError(exc.detail) from None
         return values
