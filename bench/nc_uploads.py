@@ -204,9 +204,6 @@ def child(spec: dict[str, Any]) -> None:
     verdict = scan(Path(spec["model"]), config, torch.device("cpu"), data_path=Path(spec["data"]))
     result = verdict.detectors["neural_cleanse"]
     details = result.details
-    steps = sum(entry["steps"] for entry in details.get("classes", ()))
-    per_step = neural_cleanse.batches_per_step or -(-details.get("samples_used", 0) // neural_cleanse.batch_size)
-    batch = min(neural_cleanse.batch_size, details.get("samples_used", 0))
     print(
         json.dumps(
             {
@@ -216,7 +213,7 @@ def child(spec: dict[str, Any]) -> None:
                 "code": result.code,
                 "nc_s": result.duration_s,
                 "rounds": details.get("rounds"),
-                "images": steps * per_step * batch,
+                "images": details.get("stamped_images", 0),
                 "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             }
         )

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing
 import statistics
 from concurrent.futures import ProcessPoolExecutor
@@ -153,11 +152,9 @@ def run(
         return future.result()
 
 
-def images_processed(result: NeuralCleanseResult, config: NeuralCleanseConfig, samples: int) -> int:
+def images_processed(result: NeuralCleanseResult) -> int:
     """Stamped images pushed through the model (forward and backward): the work of a run, whatever the machine."""
-    batch_size = min(config.batch_size, samples)
-    per_step = config.batches_per_step or math.ceil(samples / batch_size)
-    return result.steps_total * per_step * batch_size
+    return result.images_total
 
 
 def small_side_max(result: NeuralCleanseResult) -> float:
@@ -251,7 +248,7 @@ def main() -> None:
             batched, peak_b = results["batched"]
             sequential, peak_s = results["sequential"]
             first_runs[entry.name] = batched
-            work = {name: images_processed(r, configs[name], len(images)) for name, (r, _) in results.items()}
+            work = {name: images_processed(r) for name, (r, _) in results.items()}
             ratios.append(sequential.duration_s / batched.duration_s)
             work_ratios.append(work["sequential"] / work["batched"])
             same_verdicts.append(batched.flagged_classes == sequential.flagged_classes)

@@ -177,6 +177,16 @@ class NeuralCleanseConfig:
         false_positive_rate: with ``anomaly_threshold=None``, the chance of flagging a model whose trigger
             sizes hold no outlier (normal on the chosen scale).
         anomaly_scale: ``"log"`` (default) or ``"linear"`` (the paper): the scale of the L1 norms for the MAD test.
+        screen_above: with more classes than this, screen first (``None``: never). Every class runs the schedule
+            for ``screen_steps`` steps; then only the ``screen_candidates`` classes with the smallest masks so far
+            and ``screen_references`` classes drawn at random from all (seeded) run on to convergence. The
+            candidates are where a target can be; the references are an unbiased sample of the classes, whose median
+            and MAD replace those of all classes in the outlier test, with a threshold calibrated for that sample
+            (:func:`scanner.stats.null_reference_index_quantile`). The other classes stop after the screen and
+            are not tested. Time then grows with ``screen_steps`` per class, not with each class's full search.
+        screen_steps, screen_candidates, screen_references: see ``screen_above``.
+        screen_batch_size: clean samples per mini-batch and class during the screen (``batch_size`` after it): the
+            screen only ranks the classes, and at a quarter of the samples it costs a quarter as much.
     """
 
     attack_success_threshold: float = 0.99
@@ -203,6 +213,11 @@ class NeuralCleanseConfig:
     anomaly_threshold: float | None = None
     false_positive_rate: float = 0.05
     anomaly_scale: str = "log"
+    screen_above: int | None = 32
+    screen_steps: int = 30
+    screen_candidates: int = 6
+    screen_references: int = 16
+    screen_batch_size: int = 8
 
     @classmethod
     def original_schedule(cls, **overrides: object) -> NeuralCleanseConfig:
@@ -242,10 +257,23 @@ class NeuralCleanseConfig:
             "false_positive_rate": 0.0 < self.false_positive_rate < 1.0,
             "anomaly_scale": self.anomaly_scale in ("log", "linear"),
             "precision": self.precision in ("auto", "fp32", "bf16"),
+            "screen_above": self.screen_above is None or self.screen_above >= 3,
+            "screen_steps": self.screen_steps >= 1,
+            "screen_candidates": self.screen_candidates >= 1,
+            "screen_references": self.screen_references >= 5,
+            "screen_batch_size": self.screen_batch_size >= 1,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise InvalidOptionError(f"invalid Neural Cleanse option(s): {', '.join(bad)}")
+
+    def screens(self, num_classes: int) -> bool:
+        """Whether a model with ``num_classes`` classes is screened first (see ``screen_above``)."""
+        return (
+            self.screen_above is not None
+            and num_classes > self.screen_above
+            and num_classes > self.screen_candidates + self.screen_references
+        )
 
     def classes_per_chunk(self) -> int:
         if self.chunk_size is not None:

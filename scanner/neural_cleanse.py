@@ -38,7 +38,13 @@ from torch import Tensor, nn
 
 from scanner.config import NeuralCleanseConfig
 from scanner.errors import TooFewClassesError
-from scanner.stats import anomaly_index, null_max_index_quantile, seeded_subset, small_outliers
+from scanner.stats import (
+    anomaly_index,
+    null_max_index_quantile,
+    null_reference_index_quantile,
+    seeded_subset,
+    small_outliers,
+)
 from scanner.trigger import Trigger, attack_success_rate
 
 __all__ = [
@@ -61,6 +67,7 @@ _CPU_IMAGES_PER_PASS = 128
 _CONFIRM_ROUND_WIDTH = 0.25  # of one round, on the progress bar
 _REVERSING = 0.99  # of the progress bar: the trigger searches; the attack success rates take the rest
 _RESTART_SEED_STEP = 7919  # restart r runs with seed + r * this: another start and another sample order
+_TYPICAL_STEPS = 180  # schedule steps of one class's full search (bench: 140-300), for the progress bar
 
 #: ``progress(fraction, message)`` with fraction in [0, 1] of the whole reverse-engineering.
 StepProgress = Callable[[float, str], None]
@@ -79,6 +86,10 @@ class ClassTrigger:
         converged: whether the class met the threshold and stopped by its early stop (its cost schedule went both
             up and down, then the best mask stopped shrinking), not at ``max_steps``: only then is ``mask_l1`` a
             near-minimal trigger size that the outlier test may use.
+        images: stamped images this class's search sent through the model (forward and backward): its work.
+        screened_out: the class stopped after the screen (see ``NeuralCleanseConfig.screen_above``): its mask was
+            not among the smallest and it was not drawn as a reference, so ``mask_l1`` is only an upper bound and
+            the outlier test leaves the class out.
     """
 
     target: int
@@ -87,6 +98,8 @@ class ClassTrigger:
     reached_threshold: bool
     steps: int
     converged: bool = False
+    screened_out: bool = False
+    images: int = 0
 
     @property
     def mask(self) -> Tensor:
@@ -158,6 +171,28 @@ class _Schedule:
         return improved, stop or self.steps >= cfg.max_steps
 
 
+@dataclass(frozen=True)
+class _Screen:
+    """After ``steps`` schedule steps, only the ``candidates`` classes with the smallest masks so far and the classes
+    in ``keep`` (the references) go on; the others stop, screened out."""
+
+    steps: int
+    candidates: int
+    keep: frozenset[int]
+    batch_size: int = 8
+
+    @property
+    def share(self) -> float:
+        """A screened-out class's part of a full search, on the progress bar."""
+        return min(0.5, self.steps / _TYPICAL_STEPS)
+
+    def survivors(self, targets: Sequence[int], best_l1: Sequence[float], l1_now: Sequence[float]) -> set[int]:
+        """Rows of ``targets`` that go on. A class that has not met the threshold yet ranks after every one that has
+        (by its current mask), so a hard class is never preferred to an easy one."""
+        ranked = sorted(range(len(targets)), key=lambda row: (best_l1[row] == math.inf, best_l1[row], l1_now[row]))
+        return set(ranked[: self.candidates]) | {row for row, target in enumerate(targets) if target in self.keep}
+
+
 def _to_unit(raw: Tensor) -> Tensor:
     # the authors' map; dividing by (2 - eps) overshoots [0, 1] by ~3e-8 where tanh saturates, so clamp: a mask
     # pixel driven to 0 once came out as -6e-8 and failed the trigger's range check
@@ -187,8 +222,10 @@ def _optimise_chunk(
     config: NeuralCleanseConfig,
     seed: int,
     on_step: Callable[[list[float]], None],
+    screen: _Screen | None = None,
 ) -> list[ClassTrigger]:
-    """Reverse-engineer the triggers of ``targets`` together. ``images``: (N, C, H, W) in [0, 1] on the device."""
+    """Reverse-engineer the triggers of ``targets`` together. ``images``: (N, C, H, W) in [0, 1] on the device.
+    With ``screen``, the classes it does not keep stop after its steps."""
     device = images.device
     count, channels, height, width = images.shape
     mask_raw, pattern_raw = _initial_parameters(targets, (channels, height, width), seed)
@@ -209,16 +246,23 @@ def _optimise_chunk(
     window = config.success_window or batches
     history = torch.zeros(len(targets), window)  # success rate of each class's last `window` mini-batches
     seen = 0
+    screened_out: set[int] = set()
+    rows_all = range(len(targets))
+    images_seen = np.zeros(len(targets), dtype=np.int64)
 
-    per_pass = _classes_per_pass(config, batch_size, device)
     low_precision = _autocast_dtype(config, device)
 
     while active:
         rows = torch.tensor(active, device=device)
+        # the screen ranks the classes on fewer samples per mini-batch: every class is still in it, and it only
+        # has to find the small masks, not size them
+        screening = screen is not None and schedules[active[0]].steps < screen.steps
+        size = min(screen.batch_size, batch_size) if screen is not None and screening else batch_size
+        per_pass = _classes_per_pass(config, size, device)
         for _ in range(batches):
-            if order.numel() < batch_size:
+            if order.numel() < size:
                 order = torch.cat([order, torch.randperm(count, generator=order_generator)])
-            batch, order = images[order[:batch_size].to(device)], order[batch_size:]
+            batch, order = images[order[:size].to(device)], order[size:]
             optimizer.zero_grad(set_to_none=True)
             hits: list[Tensor] = []
             # each class's loss depends on its own mask and pattern only: passes over groups of classes add up to
@@ -231,17 +275,18 @@ def _optimise_chunk(
                 inputs = stamped.flatten(0, 1).contiguous(memory_format=memory_format)
                 with torch.autocast(device.type, dtype=low_precision or torch.float32, enabled=bool(low_precision)):
                     logits = model(inputs)
-                logits = logits.float().view(len(group), batch_size, num_classes)
+                logits = logits.float().view(len(group), size, num_classes)
                 wanted = target_ids[group]
                 cross_entropy = F.cross_entropy(
-                    logits.flatten(0, 1), wanted.repeat_interleave(batch_size), reduction="none"
-                ).view(len(group), batch_size)
+                    logits.flatten(0, 1), wanted.repeat_interleave(size), reduction="none"
+                ).view(len(group), size)
                 l1 = mask.sum(dim=(1, 2, 3))
                 loss = (cross_entropy.mean(dim=1) + costs[group] * l1).sum()
                 torch.autograd.backward(loss)
                 hits.append((logits.detach().argmax(dim=2) == wanted.unsqueeze(1)).float().mean(dim=1))
             optimizer.step()
             history[torch.tensor(active), seen % window] = torch.cat(hits).cpu()
+            images_seen[active] += size
             seen += 1
 
         with torch.no_grad():
@@ -258,13 +303,13 @@ def _optimise_chunk(
             costs[row] = schedules[row].cost
             if not stop:
                 still_active.append(row)
-        # a class is done when it stops; until then s / (s + early_stop_patience) grows towards 1
-        on_step(
-            [
-                1.0 if row not in still_active else s.steps / (s.steps + config.early_stop_patience)
-                for row, s in enumerate(schedules)
-            ]
-        )
+        if screen is not None and schedules[active[0]].steps == screen.steps:  # active classes step together
+            going_on = screen.survivors(
+                [targets[row] for row in active], [schedules[row].best_l1 for row in active], l1_now
+            )
+            screened_out = {row for slot, row in enumerate(active) if slot not in going_on}
+            still_active = [row for row in still_active if row not in screened_out]
+        on_step([_class_progress(schedules[row], row in still_active, row in screened_out, screen) for row in rows_all])
         if len(still_active) < len(active):  # finished classes leave the batch
             active = still_active
 
@@ -284,10 +329,29 @@ def _optimise_chunk(
                 mask_l1=float(mask.sum()),
                 reached_threshold=schedule.best_l1 < math.inf,
                 steps=schedule.steps,
+                images=int(images_seen[row]),
                 converged=schedule.converged,
+                screened_out=row in screened_out,
             )
         )
     return triggers
+
+
+def _class_progress(schedule: _Schedule, active: bool, screened_out: bool, screen: _Screen | None) -> float:
+    """One class's part done, in [0, 1], never going back: a class is done when it stops; until then
+    ``s / (s + early_stop_patience)`` grows towards 1 (``s`` the steps after the screen, which takes ``screen.share``).
+    """
+    if screened_out:
+        return screen.share if screen is not None else 1.0
+    if not active:
+        return 1.0
+    patience = schedule.config.early_stop_patience
+    if screen is None:
+        return schedule.steps / (schedule.steps + patience)
+    if schedule.steps <= screen.steps:
+        return screen.share * schedule.steps / screen.steps
+    after = schedule.steps - screen.steps
+    return screen.share + (1 - screen.share) * after / (after + patience)
 
 
 def _classes_per_pass(config: NeuralCleanseConfig, batch_size: int, device: torch.device) -> int:
@@ -323,7 +387,12 @@ def _smallest(runs: list[ClassTrigger]) -> ClassTrigger:
     the class converged when any run did (the smallest valid mask is then no larger than a converged run's)."""
     valid = [t for t in runs if t.reached_threshold] or runs
     best = min(valid, key=lambda t: t.mask_l1)
-    return replace(best, steps=sum(t.steps for t in runs), converged=any(t.converged for t in runs))
+    return replace(
+        best,
+        steps=sum(t.steps for t in runs),
+        images=sum(t.images for t in runs),
+        converged=any(t.converged for t in runs),
+    )
 
 
 def reverse_engineer_triggers(
@@ -335,11 +404,17 @@ def reverse_engineer_triggers(
     seed: int = 0,
     classes: Sequence[int] | None = None,
     progress: StepProgress | None = None,
+    screen_references: Sequence[int] | None = None,
 ) -> list[ClassTrigger]:
     """Find the minimal trigger of each class, ``chunk_size`` classes per forward/backward pass.
 
     With ``config.restarts > 1`` every class is optimised that many times from different starts, and the
     smallest valid mask is kept (less variance in each class's L1, so a steadier outlier test).
+
+    With ``screen_references``, the first run screens (see ``NeuralCleanseConfig.screen_above``): after
+    ``config.screen_steps`` steps only the ``config.screen_candidates`` smallest masks (shared out over the chunks)
+    and these classes go on; the screened-out classes come back with ``screened_out`` set, and further restarts run
+    only the others.
 
     Args:
         model: classifier taking (N, C, H, W) images in [0, 1]; eval mode. Runs on the device of ``images``.
@@ -349,6 +424,7 @@ def reverse_engineer_triggers(
         seed: makes the run deterministic on the CPU (initial masks, sample order).
         classes: which classes to reverse (default all K).
         progress: called after every step with an estimate of the fraction done.
+        screen_references: screen first, always refining these classes.
 
     Returns:
         One :class:`ClassTrigger` per class, in the order of ``classes``.
@@ -363,7 +439,7 @@ def reverse_engineer_triggers(
         parameter.requires_grad_(False)
     try:
         working = _channels_last_copy(model) if config.channels_last and images.dim() == 4 else model
-        return _reverse_all(working, images, targets, num_classes, config, seed, progress)
+        return _reverse_all(working, images, targets, num_classes, config, seed, progress, screen_references)
     finally:
         for parameter in trainable:
             parameter.requires_grad_(True)
@@ -398,28 +474,49 @@ def _reverse_all(
     config: NeuralCleanseConfig,
     seed: int,
     progress: StepProgress | None,
+    screen_references: Sequence[int] | None,
 ) -> list[ClassTrigger]:
     keep = seeded_subset(images.shape[0], config.max_samples, seed)
     if keep is not None:
         images = images[keep.to(images.device)]
     chunk = config.classes_per_chunk()
-    rounds = [(restart, start) for restart in range(config.restarts) for start in range(0, len(targets), chunk)]
-    found: list[list[ClassTrigger]] = []
-    finished = 0  # class-runs done so far
-    for number, (restart, start) in enumerate(rounds, start=1):
-        chunk_targets = targets[start : start + chunk]
+    chunks = [targets[start : start + chunk] for start in range(0, len(targets), chunk)]
+    total = float(config.restarts * len(targets))  # class-runs, on the progress bar
+    if screen_references is not None:  # the first run's screened-out classes count a screen's share
+        refined = min(len(targets), config.screen_candidates + len(screen_references))
+        share = _Screen(config.screen_steps, 0, frozenset()).share
+        total = (len(targets) - refined) * share + config.restarts * refined
+    found: list[ClassTrigger] = []
+    finished = 0.0  # class-runs done so far
 
-        def on_step(class_progress: list[float], finished: int = finished, number: int = number) -> None:
+    def run(restart: int, chunk_targets: list[int], screen: _Screen | None, label: str) -> None:
+        nonlocal finished
+
+        def on_step(class_progress: list[float], start: float = finished) -> None:
             if progress is not None:
-                done = (finished + sum(class_progress)) / (config.restarts * len(targets))
-                progress(done, f"reversing triggers ({number}/{len(rounds)})")
+                progress(min(1.0, (start + sum(class_progress)) / total), f"reversing triggers ({label})")
 
         with torch.enable_grad():
             run_seed = seed + restart * _RESTART_SEED_STEP
-            found.append(_optimise_chunk(model, images, chunk_targets, num_classes, config, run_seed, on_step))
-        finished += len(chunk_targets)
+            done = _optimise_chunk(model, images, chunk_targets, num_classes, config, run_seed, on_step, screen)
+        found.extend(done)
+        finished += sum(screen.share if screen is not None and t.screened_out else 1.0 for t in done)
+
+    first_restart = 0
+    if screen_references is not None:  # restart 0 screens every class; later restarts refine the survivors
+        keep_classes = frozenset(screen_references)
+        for number, chunk_targets in enumerate(chunks, start=1):
+            candidates = math.ceil(config.screen_candidates * len(chunk_targets) / len(targets))
+            screen = _Screen(config.screen_steps, candidates, keep_classes, config.screen_batch_size)
+            run(0, chunk_targets, screen, f"screen {number}/{len(chunks)}")
+        survivors = [t.target for t in found if not t.screened_out]
+        chunks = [survivors[start : start + chunk] for start in range(0, len(survivors), chunk)]
+        first_restart = 1
+    rounds = [(restart, chunk_targets) for restart in range(first_restart, config.restarts) for chunk_targets in chunks]
+    for number, (restart, chunk_targets) in enumerate(rounds, start=1):
+        run(restart, chunk_targets, None, f"{number}/{len(rounds)}")
     by_class: dict[int, list[ClassTrigger]] = {}
-    for trigger in (t for chunk_triggers in found for t in chunk_triggers):
+    for trigger in found:
         by_class.setdefault(trigger.target, []).append(trigger)
     return [_smallest(by_class[target]) for target in targets]
 
@@ -429,7 +526,9 @@ class NeuralCleanseResult:
     """Per-class triggers and the outlier test over their L1 norms.
 
     ``anomaly_indices`` are the ones flags are decided on (on ``config.anomaly_scale``); ``anomaly_indices_l1``
-    are the paper's, on raw L1 norms, reported for comparison.
+    are the paper's, on raw L1 norms, reported for comparison. Both are NaN for screened-out classes, which are not
+    tested; ``reference_classes`` lists the classes whose median and MAD set the scale when the run screened
+    (``None``: all classes).
     """
 
     triggers: list[ClassTrigger]
@@ -440,7 +539,9 @@ class NeuralCleanseResult:
     threshold: float
     duration_s: float
     steps_total: int = field(default=0)
+    images_total: int = field(default=0)
     rounds: int = field(default=1)
+    reference_classes: list[int] | None = field(default=None)
 
     @property
     def flagged_classes(self) -> list[int]:
@@ -451,7 +552,7 @@ class NeuralCleanseResult:
         """Classes whose trigger search did not converge (see :attr:`ClassTrigger.converged`). The outlier test
         needs every class's near-minimal trigger size: while any class is listed here, the flags decide nothing
         (a class stopped early is an upper bound that can hide a target or make a clean class look small)."""
-        return [t.target for t in self.triggers if not t.converged]
+        return [t.target for t in self.triggers if not t.converged and not t.screened_out]
 
 
 def _attack_success_rates(
@@ -537,37 +638,49 @@ def neural_cleanse(
             _REVERSING * (start + _CONFIRM_ROUND_WIDTH * count * fraction) / bar, prefix + message
         )
 
+    references = _reference_classes(num_classes, config, seed)
     triggers = reverse_engineer_triggers(
-        model, images, num_classes, config, seed=seed, progress=share(0, config.restarts)
+        model,
+        images,
+        num_classes,
+        config,
+        seed=seed,
+        progress=share(0, config.restarts),
+        screen_references=references,
     )
+    refined = [t.target for t in triggers if not t.screened_out]
     rounds = config.restarts
-    statistic, threshold = _outlier_statistic(triggers, config)
-    while rounds < most_rounds and _is_close_call(statistic, threshold, config.confirm_margin):
-        logger.debug("Neural Cleanse: close call (threshold %.2f), confirmation round %d", threshold, rounds + 1)
+    test = _OutlierTest.of(triggers, config, references)
+    while rounds < most_rounds and test.close_call(config.confirm_margin):
+        logger.debug("Neural Cleanse: close call (threshold %.2f), confirmation round %d", test.threshold, rounds + 1)
         again = reverse_engineer_triggers(
             model,
             images,
             num_classes,
             replace(config, restarts=1),
             seed=seed + rounds * _RESTART_SEED_STEP,  # the same run as restart number `rounds` would be
+            classes=refined,
             progress=share(rounds, 1),
         )
-        triggers = [_smallest([one, other]) for one, other in zip(triggers, again, strict=True)]
+        rerun = {t.target: t for t in again}
+        triggers = [_smallest([t, rerun[t.target]]) if t.target in rerun else t for t in triggers]
         rounds += 1
-        statistic, threshold = _outlier_statistic(triggers, config)
+        test = _OutlierTest.of(triggers, config, references)
     rates = _attack_success_rates(model, images, labels, triggers, progress)
     if progress is not None:
         progress(1.0, "outlier test")
     return NeuralCleanseResult(
         triggers=triggers,
-        anomaly_indices=[float(i) for i in anomaly_index(statistic)],
-        anomaly_indices_l1=[float(i) for i in anomaly_index(_l1_norms(triggers))],
-        flagged=[bool(f) for f in small_outliers(statistic, threshold)],
+        anomaly_indices=[float(i) for i in test.indices()],
+        anomaly_indices_l1=[float(i) for i in test.on_scale(_l1_norms(triggers)).indices()],
+        flagged=[bool(f) for f in test.flagged()],
         attack_success_rates=rates,
-        threshold=threshold,
+        threshold=test.threshold,
         duration_s=time.perf_counter() - started,
         steps_total=sum(t.steps for t in triggers),
+        images_total=sum(t.images for t in triggers),
         rounds=rounds,
+        reference_classes=references,
     )
 
 
@@ -575,29 +688,70 @@ def _l1_norms(triggers: Sequence[ClassTrigger]) -> npt.NDArray[np.float64]:
     return np.array([max(t.mask_l1, _MIN_L1) for t in triggers], dtype=np.float64)
 
 
-def _outlier_statistic(
-    triggers: Sequence[ClassTrigger], config: NeuralCleanseConfig
-) -> tuple[npt.NDArray[np.float64], float]:
-    """The values the outlier test runs on (L1 norms on ``config.anomaly_scale``) and its threshold."""
-    l1 = _l1_norms(triggers)
-    return (np.log(l1) if config.anomaly_scale == "log" else l1), decision_threshold(config, len(triggers))
+def _reference_classes(num_classes: int, config: NeuralCleanseConfig, seed: int) -> list[int] | None:
+    """The classes a screened run refines whatever their size (a seeded random sample), or ``None`` when the run
+    does not screen (see ``NeuralCleanseConfig.screen_above``)."""
+    if not config.screens(num_classes):
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(num_classes, generator=generator)[: config.screen_references].tolist())
 
 
-def _is_close_call(statistic: npt.NDArray[np.float64], threshold: float, margin: float) -> bool:
-    """Whether the largest small-side anomaly index lies within ``margin`` (relative) of ``threshold``."""
-    small_side = statistic < np.median(statistic)
-    if not small_side.any():
-        return False
-    largest = float(anomaly_index(statistic)[small_side].max())
-    return threshold * (1 - margin) <= largest <= threshold * (1 + margin)
+@dataclass(frozen=True)
+class _OutlierTest:
+    """The MAD outlier test over the classes' trigger sizes: on ``statistic`` (one value per class), tested on the
+    classes in ``tested`` (all but the screened-out ones), against the median and MAD of ``reference`` (all tested
+    classes, or a screened run's references)."""
+
+    statistic: npt.NDArray[np.float64]
+    tested: npt.NDArray[np.bool_]
+    reference: npt.NDArray[np.bool_]
+    threshold: float
+
+    @classmethod
+    def of(
+        cls, triggers: Sequence[ClassTrigger], config: NeuralCleanseConfig, references: Sequence[int] | None
+    ) -> _OutlierTest:
+        l1 = _l1_norms(triggers)
+        tested = np.array([not t.screened_out for t in triggers])
+        reference = tested if references is None else np.isin([t.target for t in triggers], references)
+        return cls(
+            statistic=np.log(l1) if config.anomaly_scale == "log" else l1,
+            tested=tested,
+            reference=reference,
+            threshold=decision_threshold(config, len(triggers), None if references is None else len(references)),
+        )
+
+    def on_scale(self, values: npt.NDArray[np.float64]) -> _OutlierTest:
+        """The same test on other values (the paper's raw L1 norms, for comparison)."""
+        return replace(self, statistic=values)
+
+    def indices(self) -> npt.NDArray[np.float64]:
+        """Anomaly index of every tested class; NaN for the others."""
+        return np.where(self.tested, anomaly_index(self.statistic, self.reference), np.nan)
+
+    def flagged(self) -> npt.NDArray[np.bool_]:
+        return self.tested & small_outliers(self.statistic, self.threshold, self.reference)
+
+    def close_call(self, margin: float) -> bool:
+        """Whether the largest small-side index of the tested classes lies within ``margin`` (relative) of the
+        threshold."""
+        small_side = self.tested & (self.statistic < np.median(self.statistic[self.reference]))
+        if not small_side.any():
+            return False
+        largest = float(anomaly_index(self.statistic, self.reference)[small_side].max())
+        return self.threshold * (1 - margin) <= largest <= self.threshold * (1 + margin)
 
 
-def decision_threshold(config: NeuralCleanseConfig, num_classes: int) -> float:
-    """The anomaly index above which a small-side class is flagged: fixed, or calibrated to ``num_classes``."""
+def decision_threshold(config: NeuralCleanseConfig, num_classes: int, references: int | None = None) -> float:
+    """The anomaly index above which a small-side class is flagged: fixed, or calibrated to ``num_classes`` (and to
+    a screened run's ``references``)."""
     if config.anomaly_threshold is not None:
         return config.anomaly_threshold
     if num_classes < 3:  # a median and MAD of two values say nothing: fall back to the paper's threshold
         return 2.0
+    if references is not None:
+        return null_reference_index_quantile(num_classes, references, config.false_positive_rate)
     return null_max_index_quantile(num_classes, config.false_positive_rate)
 
 

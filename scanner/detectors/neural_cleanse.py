@@ -1,9 +1,12 @@
 """The ``neural_cleanse`` detector: :func:`scanner.neural_cleanse.neural_cleanse` on the clean samples, as JSON.
 
-Details: ``threshold`` and how it was chosen, ``rounds``, ``samples_used`` and, per class, ``mask_l1``,
-``anomaly_index``, ``attack_success_rate``, ``steps``, ``flagged``; flagged classes add the mask and pattern as
-PNG and the trigger evidence (stamped samples, Grad-CAM). Every class's mask and pattern are artifacts (PNG, npy).
-The detector votes only when every class converged (otherwise ``not_converged``).
+Details: ``threshold`` and how it was chosen, ``rounds``, ``stamped_images`` (the work: images sent through the model
+forward and backward), ``samples_used``, ``screening`` (``null``, or the screen of
+a many-class model: its steps, candidates and reference classes) and, per class, ``mask_l1``, ``anomaly_index``
+(``null`` for a screened-out class, which is not tested), ``attack_success_rate``, ``steps``, ``screened_out``,
+``flagged``; flagged classes add the mask and pattern as PNG and the trigger evidence (stamped samples, Grad-CAM).
+Every class's mask and pattern are artifacts (PNG, npy). The detector votes only when every tested class converged
+(otherwise ``not_converged``).
 """
 
 from __future__ import annotations
@@ -87,6 +90,7 @@ def _run(inputs: ScanInputs, progress: DetectorProgress) -> DetectorResult:
             "attack_success_rate": rounded(rate),
             "reached_threshold": trigger.reached_threshold,
             "steps": trigger.steps,
+            "screened_out": trigger.screened_out,
             "flagged": flagged,
         }
         names = {
@@ -108,20 +112,31 @@ def _run(inputs: ScanInputs, progress: DetectorProgress) -> DetectorResult:
         artifacts[f"{stem}-mask.npy"] = npy_bytes(trigger.mask)
         artifacts[f"{stem}-pattern.npy"] = npy_bytes(trigger.pattern)
         classes.append(entry)
+    config = inputs.config.neural_cleanse
+    references = result.reference_classes
+    rule = "fixed"
+    if config.anomaly_threshold is None:
+        rule = f"calibrated: {config.false_positive_rate:g} false-positive rate for {inputs.num_classes} classes"
+        if references is not None:
+            rule += f", judged against {len(references)} reference classes"
     return DetectorResult(
         status=DetectorStatus.OK,
         flagged_classes=tuple(result.flagged_classes),
         details={
             "threshold": round(result.threshold, 4),
-            "threshold_rule": (
-                "fixed"
-                if inputs.config.neural_cleanse.anomaly_threshold is not None
-                else f"calibrated: {inputs.config.neural_cleanse.false_positive_rate:g} false-positive rate "
-                f"for {inputs.num_classes} classes"
-            ),
-            "anomaly_scale": inputs.config.neural_cleanse.anomaly_scale,
+            "threshold_rule": rule,
+            "anomaly_scale": config.anomaly_scale,
             "rounds": result.rounds,
-            "samples_used": int(min(len(images), inputs.config.neural_cleanse.max_samples)),
+            "stamped_images": result.images_total,
+            "samples_used": int(min(len(images), config.max_samples)),
+            "screening": None
+            if references is None
+            else {
+                "steps": config.screen_steps,
+                "candidates": config.screen_candidates,
+                "reference_classes": references,
+                "tested_classes": sum(not t.screened_out for t in result.triggers),
+            },
             "classes": classes,
         },
         duration_s=time.perf_counter() - started,

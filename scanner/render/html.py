@@ -301,6 +301,7 @@ class _Page:
             f"<p>Reversed trigger per class; a class whose mask is an outlier on the small side (anomaly index above "
             f"{_fmt(threshold)}, {_fmt(nc.get('threshold_rule'))}) is flagged. Samples used: "
             f"{_fmt(nc.get('samples_used'))}.</p>",
+            _screening_note(_dict(nc.get("screening")), len(classes)),
             _anomaly_chart(classes, threshold),
             f'<p class="legend"><span style="background:{_FLAGGED}"></span>flagged'
             f'<span style="background:{_SMALL_SIDE}"></span>smaller mask than the median'
@@ -461,6 +462,17 @@ def _predictions_table(evidence: Mapping[str, Any]) -> str:
 # --- charts (inline SVG) -----------------------------------------------------------------------------------------
 
 
+def _screening_note(screening: Mapping[str, Any], count: int) -> str:
+    """One line on a screened run: which classes were tested (the others have no index and no bar)."""
+    if not screening:
+        return ""
+    return (
+        f"<p>Screened: {_fmt(screening.get('tested_classes'))} of {count} classes tested, the smallest masks after "
+        f"{_fmt(screening.get('steps'))} steps and the reference classes {_fmt(screening.get('reference_classes'))}, "
+        "whose median and MAD set the scale; the other classes stopped after the screen.</p>"
+    )
+
+
 def _anomaly_chart(classes: list[Mapping[str, Any]], threshold: float | None) -> str:
     """Bars of each class's anomaly index, coloured by side, with the threshold as a dashed line."""
     if not classes:
@@ -470,11 +482,14 @@ def _anomaly_chart(classes: list[Mapping[str, Any]], threshold: float | None) ->
     values = [_number(c.get("anomaly_index")) for c in classes]
     finite = [v for v in values if v is not None]
     top_value = max([*finite, threshold or 0.0, 1e-9]) * 1.15
-    l1 = sorted(v for v in (_number(c.get("mask_l1")) for c in classes) if v is not None)
+    tested = [c for c in classes if c.get("screened_out") is not True]  # a screened-out class's L1 is a bound
+    l1 = sorted(v for v in (_number(c.get("mask_l1")) for c in tested) if v is not None)
     median = l1[len(l1) // 2] if l1 else None
     slot = plot_w / len(classes)
     parts = _svg_with_grid("anomaly index per class", (width, height, left, right, top, plot_h), top_value)
     for i, (entry, value) in enumerate(zip(classes, values, strict=True)):
+        if entry.get("screened_out") is True:  # not tested: no bar
+            continue
         shown = top_value if value is None else value
         bar_h = plot_h * shown / top_value
         x = left + i * slot + slot * 0.1

@@ -18,7 +18,7 @@ from scanner.neural_cleanse import (
     NeuralCleanseResult,
     _autocast_dtype,
     _from_unit,
-    _is_close_call,
+    _OutlierTest,
     _Schedule,
     _to_unit,
     neural_cleanse,
@@ -233,14 +233,19 @@ def test_restarts_keep_the_smallest_valid_mask(badnets: BadNetsModel, mnist: Mni
         assert trigger.steps == runs[0].steps + runs[1].steps
 
 
+def _close_call(statistic: np.ndarray, threshold: float, margin: float) -> bool:
+    everything = np.ones(len(statistic), dtype=bool)
+    return _OutlierTest(statistic, everything, everything, threshold).close_call(margin)
+
+
 def test_close_call_band_on_hand_made_numbers() -> None:
     # median 0, MAD 1 -> scaled 1.4826: the smallest value sits at index 3 exactly
     statistic = np.array([-3 * 1.4826, -1.0, -1.0, 0.0, 0.0, 1.0, 1.0, 2.0])
-    assert _is_close_call(statistic, threshold=3.84, margin=0.4)  # 3 is within 40% below 3.84
-    assert not _is_close_call(statistic, threshold=3.84, margin=0.2)  # not within 20%
-    assert _is_close_call(statistic, threshold=2.5, margin=0.2)  # 20% above counts too
-    assert not _is_close_call(statistic, threshold=2.0, margin=0.4)  # 3 > 2.8: clearly flagged
-    assert not _is_close_call(np.zeros(5), threshold=3.84, margin=0.4)  # nothing below the median
+    assert _close_call(statistic, 3.84, 0.4)  # 3 is within 40% below 3.84
+    assert not _close_call(statistic, 3.84, 0.2)  # not within 20%
+    assert _close_call(statistic, 2.5, 0.2)  # 20% above counts too
+    assert not _close_call(statistic, 2.0, 0.4)  # 3 > 2.8: clearly flagged
+    assert not _close_call(np.zeros(5), 3.84, 0.4)  # nothing below the median
 
 
 def test_confirmation_round_keeps_the_false_positive_rate() -> None:
@@ -253,7 +258,7 @@ def test_confirmation_round_keeps_the_false_positive_rate() -> None:
     for _ in range(draws):
         classes = rng.standard_normal(10)
         statistic = classes + 0.6 * rng.standard_normal(10)
-        if _is_close_call(statistic, threshold, 0.4):
+        if _close_call(statistic, threshold, 0.4):
             confirmed += 1
             statistic = np.minimum(statistic, classes + 0.6 * rng.standard_normal(10))  # each class's smaller L1
         flagged += bool(small_outliers(statistic, threshold).any())
@@ -376,3 +381,42 @@ def test_bfloat16_passes_find_the_same_trigger(badnets: BadNetsModel, mnist: Mni
     assert all(t.mask_l1 > 2 * low[0].mask_l1 for t in low[1:])
     stamp = Trigger(mask=low[0].mask, pattern=low[0].pattern)
     assert attack_success_rate(badnets.model, images, labels, stamp, badnets.target, device=torch.device("cpu")) > 0.95
+
+
+def test_screen_refines_the_candidates_and_references_only(badnets: BadNetsModel, mnist: MnistSplit) -> None:
+    """With a screen, every class runs ``screen_steps`` steps; only the smallest masks and the seeded references go
+    on. The target survives the screen and is flagged against the references; the screened-out classes stop at the
+    screen, are not tested (NaN index) and do not count as unconverged."""
+    images, labels = clean_samples(mnist)
+    config = NeuralCleanseConfig(
+        screen_above=3, screen_steps=30, screen_candidates=2, screen_references=5, confirm_rounds=0, anomaly_threshold=3
+    )
+    result = neural_cleanse(badnets.model, images, labels, 10, config, seed=0)
+    references = result.reference_classes
+    assert references is not None
+    assert len(references) == 5
+    screened = [t for t in result.triggers if t.screened_out]
+    refined = [t for t in result.triggers if not t.screened_out]
+    assert len(screened) >= 10 - 2 - 5
+    assert all(t.steps == 30 and not t.converged for t in screened)
+    assert all(t.images == 30 * config.screen_batch_size for t in screened)  # the screen's small mini-batches
+    assert all(t.images == 30 * 8 + (t.steps - 30) * 32 for t in refined)
+    assert result.images_total == sum(t.images for t in result.triggers)
+    assert all(math.isnan(result.anomaly_indices[t.target]) for t in screened)
+    assert not any(result.flagged[t.target] for t in screened)
+    assert set(references) <= {t.target for t in refined}
+    assert badnets.target in {t.target for t in refined}
+    assert all(t.steps > 30 for t in refined)
+    assert result.unconverged_classes == []
+    assert result.flagged_classes == [badnets.target]
+
+
+def test_screen_is_off_for_few_classes() -> None:
+    config = NeuralCleanseConfig()
+    assert not config.screens(10)
+    assert not config.screens(32)
+    assert config.screens(100)
+    assert not NeuralCleanseConfig(screen_above=None).screens(1000)
+    assert not NeuralCleanseConfig(screen_above=3, screen_candidates=4, screen_references=6).screens(10)
+    with pytest.raises(InvalidOptionError, match="screen_references"):
+        NeuralCleanseConfig(screen_references=2)

@@ -3,7 +3,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scanner.stats import MAD_CONSISTENCY, anomaly_index, null_max_index_quantile, small_outliers
+from scanner.stats import (
+    MAD_CONSISTENCY,
+    anomaly_index,
+    null_max_index_quantile,
+    null_reference_index_quantile,
+    small_outliers,
+)
 
 
 def test_anomaly_index_on_hand_made_numbers() -> None:
@@ -58,3 +64,54 @@ def test_fixed_threshold_two_flags_a_third_of_outlier_free_samples() -> None:
 def test_null_quantile_rejects_bad_arguments(count: int, rate: float) -> None:
     with pytest.raises(ValueError, match=r"at least 3|false_positive_rate"):
         null_max_index_quantile(count, rate)
+
+
+def test_reference_sets_the_median_and_mad() -> None:
+    # the reference rows [1, 2, 3] have median 10 and MAD 1; rows 0 and 4 are judged against them
+    values = [4.0, 9.0, 10.0, 11.0, 100.0, 200.0, 300.0]
+    expected = np.abs(np.array(values) - 10.0) / MAD_CONSISTENCY
+    np.testing.assert_allclose(anomaly_index(values, [1, 2, 3]), expected)
+    mask = np.array([False, True, True, True, False, False, False])
+    np.testing.assert_allclose(anomaly_index(values, mask), expected)
+    assert small_outliers(values, 3.0, [1, 2, 3]).tolist() == [True] + [False] * 6
+    # against all seven (median 11, MAD 7) the 4 is ordinary
+    assert not small_outliers(values, 3.0)[0]
+    with pytest.raises(ValueError, match="empty"):
+        anomaly_index(values, np.zeros(7, dtype=bool))
+
+
+def test_reference_quantile_matches_its_false_positive_rate_under_a_perfect_screen() -> None:
+    """100 outlier-free classes, 16 random references, the screen keeps the 6 smallest: the smallest's index against
+    the references' median and MAD exceeds the threshold about as often as promised, and less often when the screen
+    ranks imperfectly (a noisy view of each class)."""
+    count, references = 100, 16
+    threshold = null_reference_index_quantile(count, references, 0.05)
+    assert threshold > null_max_index_quantile(count, 0.05)  # a 16-value MAD is noisier than a 100-value one
+    rng = np.random.default_rng(5)  # fresh draws
+    perfect = noisy = 0
+    for _ in range(3000):
+        values = rng.standard_normal(count)
+        sample = rng.choice(count, references, replace=False)
+        for screen_view, counter in ((values, "perfect"), (values + rng.standard_normal(count), "noisy")):
+            tested = np.zeros(count, dtype=bool)
+            tested[np.argsort(screen_view)[:6]] = True
+            tested[sample] = True
+            reference = np.isin(np.arange(count), sample)
+            hit = bool((tested & small_outliers(values, threshold, reference)).any())
+            if counter == "perfect":
+                perfect += hit
+            else:
+                noisy += hit
+    assert 0.03 < perfect / 3000 < 0.07
+    assert noisy <= perfect
+
+
+def test_reference_quantile_with_every_value_as_reference_is_the_plain_one() -> None:
+    assert null_reference_index_quantile(10, 10, 0.05) == pytest.approx(null_max_index_quantile(10, 0.05))
+    assert null_reference_index_quantile(100, 12, 0.05) > null_reference_index_quantile(100, 24, 0.05)
+
+
+@pytest.mark.parametrize(("count", "references", "rate"), [(10, 2, 0.05), (10, 11, 0.05), (10, 5, 0.0)])
+def test_reference_quantile_rejects_bad_arguments(count: int, references: int, rate: float) -> None:
+    with pytest.raises(ValueError, match=r"references|false_positive_rate"):
+        null_reference_index_quantile(count, references, rate)

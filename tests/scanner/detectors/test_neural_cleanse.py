@@ -84,6 +84,28 @@ def test_default_run_converges_and_votes(badnets: BadNetsModel, mnist: MnistSpli
     steps = [entry["steps"] for entry in result.details["classes"]]
     assert max(steps) < NeuralCleanseConfig().max_steps
     assert _label(result) is VerdictLabel.BACKDOORED
+    assert result.details["screening"] is None  # ten classes are never screened
+    assert not any(entry["screened_out"] for entry in result.details["classes"])
+    assert result.details["stamped_images"] == sum(steps) * 32
+
+
+def test_screened_classes_are_reported_untested(badnets: BadNetsModel, mnist: MnistSplit) -> None:
+    """A screened run says which classes it tested and against which references; a screened-out class has no index,
+    is never flagged and does not make the run unconverged."""
+    config = NeuralCleanseConfig(
+        screen_above=3, screen_candidates=2, screen_references=5, anomaly_threshold=3.0, confirm_rounds=0
+    )
+    result = _neural_cleanse_result(badnets.model, mnist, config)
+    assert result.status is DetectorStatus.OK, result.detail
+    screening = result.details["screening"]
+    assert len(screening["reference_classes"]) == 5
+    classes = result.details["classes"]
+    screened = [entry for entry in classes if entry["screened_out"]]
+    assert screening["tested_classes"] == 10 - len(screened) >= 5
+    assert all(entry["anomaly_index"] is None and not entry["flagged"] for entry in screened)
+    assert all(entry["steps"] == config.screen_steps for entry in screened)
+    assert result.flagged_classes == (badnets.target,)
+    assert result.details["threshold_rule"] == "fixed"
 
 
 def test_two_classes_are_too_few_for_the_outlier_test(mnist: MnistSplit) -> None:

@@ -186,3 +186,31 @@ def test_report_of_an_unsafe_file_and_of_an_inconclusive_scan() -> None:
     inconclusive = render_html({"verdict": "inconclusive", "detectors": {}}, {})
     assert '<header class="banner unknown"' in inconclusive
     assert "INCONCLUSIVE" in inconclusive
+
+
+def test_report_of_a_screened_run_draws_only_the_tested_classes() -> None:
+    """A 40-class run that screened: the screened-out classes have no index and get no bar; the note says which
+    classes were tested."""
+    classes = [
+        {"class": k, "mask_l1": 500.0, "anomaly_index": None, "screened_out": True, "flagged": False} for k in range(40)
+    ]
+    for k, l1, index in ((0, 8.0, 9.5), (3, 60.0, 0.4), (7, 70.0, 0.1), (9, 80.0, 0.5)):
+        classes[k] = {"class": k, "mask_l1": l1, "anomaly_index": index, "screened_out": False, "flagged": k == 0}
+    verdict = {
+        "verdict": "backdoored",
+        "flagged_classes": [0],
+        "detectors": {
+            "neural_cleanse": {
+                "status": "ok",
+                "flagged_classes": [0],
+                "threshold": 5.0,
+                "threshold_rule": "calibrated",
+                "screening": {"steps": 30, "candidates": 2, "reference_classes": [3, 7, 9], "tested_classes": 4},
+                "classes": classes,
+            }
+        },
+    }
+    page = render_html(verdict, {})
+    assert "Screened: 4 of 40 classes tested" in page
+    bars = re.findall(r"<title>class (\d+): anomaly index", page)
+    assert sorted(map(int, bars)) == [0, 3, 7, 9]
