@@ -128,8 +128,9 @@ class NeuralCleanseConfig:
       inflates the MAD of raw L1 norms enough to hide a 3x3 trigger; ``"linear"`` is the paper's rule;
     - the threshold is calibrated to the number of classes (``anomaly_threshold=None``): the paper's fixed 2
       is exceeded by the smallest of 10 normally distributed values a third of the time, so it flags clean
-      models depending on the seed; :func:`scanner.stats.null_max_index_quantile` gives the index that
-      ``false_positive_rate`` of outlier-free models exceed. ``anomaly_threshold=2.0`` is the paper's rule;
+      models depending on the seed; :func:`scanner.stats.null_thresholds` gives the thresholds that
+      ``false_positive_rate`` of outlier-free models exceed, and a second statistic of the smallest class
+      (``z_test``) shares that rate. ``anomaly_threshold=2.0`` is the paper's rule;
     - a close call gets a second opinion (``confirm_rounds``): one run's L1 norms vary with the start (the target
       of a weak 4x4 BadNets model measured 14 to 22 pixels over seeds), so when the largest small-side index
       lands near the threshold every class is reversed again and the smallest valid masks decide.
@@ -167,22 +168,30 @@ class NeuralCleanseConfig:
             instructions (AVX512-BF16 or AMX), where it measured ~2x per image with the same verdicts on the
             bench zoo, fp32 everywhere else (CUDA included: not measured yet).
         restarts: optimise every class this many times from different starts; keep the smallest valid mask.
-        confirm_rounds: up to this many more rounds of every class, from new starts, run only while the decision
-            is close: the largest small-side anomaly index within ``confirm_margin`` (relative) of the threshold,
-            on either side. Each class keeps its smallest valid mask over all rounds, so a close call is decided
-            on steadier L1 norms while clear ones cost a single round.
-        confirm_margin: the relative half-width of the "close" band around the threshold.
+        confirm_rounds: up to this many more rounds of every tested class, from new starts, run only while the
+            decision is close: the largest small-side anomaly index or the smallest class's z within
+            ``confirm_margin`` (relative) of its threshold, on either side, and neither clearly above. Each class
+            keeps its smallest valid mask over all rounds, so a close call is decided on steadier L1 norms while
+            clear ones cost a single round.
+        confirm_margin: the relative half-width of the "close" band around a threshold.
         anomaly_threshold: flag classes below the median with an anomaly index above this; ``None``
             calibrates it to the class count and ``false_positive_rate``.
         false_positive_rate: with ``anomaly_threshold=None``, the chance of flagging a model whose trigger
             sizes hold no outlier (normal on the chosen scale).
         anomaly_scale: ``"log"`` (default) or ``"linear"`` (the paper): the scale of the L1 norms for the MAD test.
+        z_test: with a calibrated threshold, also flag the smallest class when its :func:`scanner.stats.smallest_z`
+            (its distance below the other classes in their standard deviations) is an outlier; the false-positive
+            rate is shared, a fifth to the MAD index and the rest to the z test
+            (:func:`scanner.stats.null_thresholds`). With 10 classes the MAD rests on two values and is noisy: the
+            z test separated the bench's backdoored and clean models where the index alone missed a weak 4x4
+            trigger on one seed and a two-digit model whose clean classes spread widely. ``False`` (or a fixed
+            ``anomaly_threshold``) is the MAD test alone.
         screen_above: with more classes than this, screen first (``None``: never). Every class runs the schedule
             for ``screen_steps`` steps; then only the ``screen_candidates`` classes with the smallest masks so far
             and ``screen_references`` classes drawn at random from all (seeded) run on to convergence. The
             candidates are where a target can be; the references are an unbiased sample of the classes, whose median
             and MAD replace those of all classes in the outlier test, with a threshold calibrated for that sample
-            (:func:`scanner.stats.null_reference_index_quantile`). The other classes stop after the screen and
+            (:func:`scanner.stats.null_thresholds`). The other classes stop after the screen and
             are not tested. Time then grows with ``screen_steps`` per class, not with each class's full search.
         screen_steps, screen_candidates, screen_references: see ``screen_above``.
         screen_batch_size: clean samples per mini-batch and class during the screen (``batch_size`` after it): the
@@ -193,7 +202,7 @@ class NeuralCleanseConfig:
     init_cost: float = 1e-3
     cost_multiplier: float = 1.5
     patience: int = 5
-    early_stop_patience: int = 50
+    early_stop_patience: int = 30
     early_stop_min_delta: float = 0.02
     success_window: int | None = 10
     max_steps: int = 1000
@@ -209,10 +218,11 @@ class NeuralCleanseConfig:
     precision: str = "auto"
     restarts: int = 1
     confirm_rounds: int = 1
-    confirm_margin: float = 0.4
+    confirm_margin: float = 0.3
     anomaly_threshold: float | None = None
     false_positive_rate: float = 0.05
     anomaly_scale: str = "log"
+    z_test: bool = True
     screen_above: int | None = 32
     screen_steps: int = 30
     screen_candidates: int = 6

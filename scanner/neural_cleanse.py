@@ -38,20 +38,14 @@ from torch import Tensor, nn
 
 from scanner.config import NeuralCleanseConfig
 from scanner.errors import TooFewClassesError
-from scanner.stats import (
-    anomaly_index,
-    null_max_index_quantile,
-    null_reference_index_quantile,
-    seeded_subset,
-    small_outliers,
-)
+from scanner.stats import anomaly_index, null_thresholds, seeded_subset, small_outliers, smallest_z
 from scanner.trigger import Trigger, attack_success_rate
 
 __all__ = [
     "ClassTrigger",
     "NeuralCleanseConfig",
     "NeuralCleanseResult",
-    "decision_threshold",
+    "decision_thresholds",
     "mask_png",
     "neural_cleanse",
     "reverse_engineer_triggers",
@@ -528,7 +522,9 @@ class NeuralCleanseResult:
     ``anomaly_indices`` are the ones flags are decided on (on ``config.anomaly_scale``); ``anomaly_indices_l1``
     are the paper's, on raw L1 norms, reported for comparison. Both are NaN for screened-out classes, which are not
     tested; ``reference_classes`` lists the classes whose median and MAD set the scale when the run screened
-    (``None``: all classes).
+    (``None``: all classes). ``smallest_class`` is the tested class with the smallest mask and ``smallest_z`` its
+    distance below the others (:func:`scanner.stats.smallest_z`), flagged above ``z_threshold`` (``None``: the MAD
+    test alone, ``threshold``).
     """
 
     triggers: list[ClassTrigger]
@@ -542,6 +538,9 @@ class NeuralCleanseResult:
     images_total: int = field(default=0)
     rounds: int = field(default=1)
     reference_classes: list[int] | None = field(default=None)
+    smallest_class: int | None = field(default=None)
+    smallest_z: float = field(default=math.nan)
+    z_threshold: float | None = field(default=None)
 
     @property
     def flagged_classes(self) -> list[int]:
@@ -669,6 +668,7 @@ def neural_cleanse(
     rates = _attack_success_rates(model, images, labels, triggers, progress)
     if progress is not None:
         progress(1.0, "outlier test")
+    smallest_row, z = test.smallest()
     return NeuralCleanseResult(
         triggers=triggers,
         anomaly_indices=[float(i) for i in test.indices()],
@@ -681,6 +681,9 @@ def neural_cleanse(
         images_total=sum(t.images for t in triggers),
         rounds=rounds,
         reference_classes=references,
+        smallest_class=triggers[smallest_row].target,
+        smallest_z=z,
+        z_threshold=test.z_threshold,
     )
 
 
@@ -697,16 +700,21 @@ def _reference_classes(num_classes: int, config: NeuralCleanseConfig, seed: int)
     return sorted(torch.randperm(num_classes, generator=generator)[: config.screen_references].tolist())
 
 
+_INDEX_SHARE = 0.2  # of the false-positive rate, for the MAD index when the z test runs beside it
+
+
 @dataclass(frozen=True)
 class _OutlierTest:
-    """The MAD outlier test over the classes' trigger sizes: on ``statistic`` (one value per class), tested on the
-    classes in ``tested`` (all but the screened-out ones), against the median and MAD of ``reference`` (all tested
-    classes, or a screened run's references)."""
+    """The outlier tests over the classes' trigger sizes: on ``statistic`` (one value per class), tested on the
+    classes in ``tested`` (all but the screened-out ones), against ``reference`` (all tested classes, or a screened
+    run's references): the MAD index of every class against ``threshold``, and the smallest class's z against
+    ``z_threshold`` (``None``: the MAD test alone)."""
 
     statistic: npt.NDArray[np.float64]
     tested: npt.NDArray[np.bool_]
     reference: npt.NDArray[np.bool_]
     threshold: float
+    z_threshold: float | None = None
 
     @classmethod
     def of(
@@ -715,12 +723,10 @@ class _OutlierTest:
         l1 = _l1_norms(triggers)
         tested = np.array([not t.screened_out for t in triggers])
         reference = tested if references is None else np.isin([t.target for t in triggers], references)
-        return cls(
-            statistic=np.log(l1) if config.anomaly_scale == "log" else l1,
-            tested=tested,
-            reference=reference,
-            threshold=decision_threshold(config, len(triggers), None if references is None else len(references)),
+        threshold, z_threshold = decision_thresholds(
+            config, len(triggers), None if references is None else len(references)
         )
+        return cls(np.log(l1) if config.anomaly_scale == "log" else l1, tested, reference, threshold, z_threshold)
 
     def on_scale(self, values: npt.NDArray[np.float64]) -> _OutlierTest:
         """The same test on other values (the paper's raw L1 norms, for comparison)."""
@@ -730,29 +736,43 @@ class _OutlierTest:
         """Anomaly index of every tested class; NaN for the others."""
         return np.where(self.tested, anomaly_index(self.statistic, self.reference), np.nan)
 
+    def smallest(self) -> tuple[int, float]:
+        """The row of the smallest tested class and its z (see :func:`scanner.stats.smallest_z`)."""
+        return smallest_z(self.statistic, self.reference, self.tested)
+
     def flagged(self) -> npt.NDArray[np.bool_]:
-        return self.tested & small_outliers(self.statistic, self.threshold, self.reference)
+        flags = self.tested & small_outliers(self.statistic, self.threshold, self.reference)
+        if self.z_threshold is not None:
+            row, z = self.smallest()
+            flags[row] |= z > self.z_threshold
+        return flags
 
     def close_call(self, margin: float) -> bool:
-        """Whether the largest small-side index of the tested classes lies within ``margin`` (relative) of the
-        threshold."""
+        """Whether a statistic lies within ``margin`` (relative) of its threshold while none is clearly above its
+        own: the largest small-side index of the tested classes, and the smallest class's z."""
         small_side = self.tested & (self.statistic < np.median(self.statistic[self.reference]))
-        if not small_side.any():
-            return False
-        largest = float(anomaly_index(self.statistic, self.reference)[small_side].max())
-        return self.threshold * (1 - margin) <= largest <= self.threshold * (1 + margin)
+        pairs = []
+        if small_side.any():
+            pairs.append((float(anomaly_index(self.statistic, self.reference)[small_side].max()), self.threshold))
+        if self.z_threshold is not None:
+            pairs.append((self.smallest()[1], self.z_threshold))
+        if any(value > threshold * (1 + margin) for value, threshold in pairs):
+            return False  # flagged whatever another round finds
+        return any(value >= threshold * (1 - margin) for value, threshold in pairs)
 
 
-def decision_threshold(config: NeuralCleanseConfig, num_classes: int, references: int | None = None) -> float:
-    """The anomaly index above which a small-side class is flagged: fixed, or calibrated to ``num_classes`` (and to
-    a screened run's ``references``)."""
+def decision_thresholds(
+    config: NeuralCleanseConfig, num_classes: int, references: int | None = None
+) -> tuple[float, float | None]:
+    """The thresholds of the MAD anomaly index and of the smallest class's z (``None``: not tested): fixed (the
+    index alone), or calibrated to ``num_classes`` (and to a screened run's ``references``)."""
     if config.anomaly_threshold is not None:
-        return config.anomaly_threshold
+        return config.anomaly_threshold, None
     if num_classes < 3:  # a median and MAD of two values say nothing: fall back to the paper's threshold
-        return 2.0
-    if references is not None:
-        return null_reference_index_quantile(num_classes, references, config.false_positive_rate)
-    return null_max_index_quantile(num_classes, config.false_positive_rate)
+        return 2.0, None
+    share = _INDEX_SHARE if config.z_test else 1.0
+    thresholds = null_thresholds(num_classes, config.false_positive_rate, references, share)
+    return thresholds.index, thresholds.z
 
 
 def mask_png(values: Tensor) -> bytes:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -11,11 +13,12 @@ import torch
 
 __all__ = [
     "MAD_CONSISTENCY",
+    "NullThresholds",
     "anomaly_index",
-    "null_max_index_quantile",
-    "null_reference_index_quantile",
+    "null_thresholds",
     "seeded_subset",
     "small_outliers",
+    "smallest_z",
 ]
 
 #: Makes the median absolute deviation a consistent estimator of the standard deviation for normal data.
@@ -81,67 +84,112 @@ def small_outliers(values: Values, threshold: float = 2.0, reference: Reference 
     return (x < median) & (anomaly_index(x, reference) > threshold)
 
 
-@functools.lru_cache(maxsize=64)
-def null_max_index_quantile(count: int, false_positive_rate: float, simulations: int = 20_000) -> float:
-    """The small-side anomaly index that ``count`` outlier-free values exceed with probability ``false_positive_rate``.
+def smallest_z(values: Values, reference: Reference = None, tested: Reference = None) -> tuple[int, float]:
+    """The smallest tested value's distance below the others, in their standard deviations.
 
-    A fixed threshold ignores how many classes are tested and how noisy a median/MAD from ``count`` values is:
-    for 10 normally distributed values, the largest small-side index exceeds 2 a third of the time. This
-    calibrates the threshold on that null instead: the ``1 - false_positive_rate`` quantile of the largest
-    small-side index of ``count`` standard normal values, by a seeded Monte-Carlo (deterministic).
+    ``(mean - x) / sd`` with the mean and standard deviation (``ddof=1``) of the reference values other than ``x``:
+    a one-sided Grubbs-type statistic with ``x`` left out of its own scale. Where only one class is an outlier it
+    uses every other value's distance from the centre, so it separates a lone small trigger far better than the MAD
+    index does with few classes (the MAD of 10 values rests on two of them); a second small outlier inflates the
+    standard deviation and masks the first, which is why it is paired with the MAD index
+    (:func:`null_thresholds`).
 
     Args:
-        count: number of values tested together (the classes), at least 3.
-        false_positive_rate: family-wise probability of flagging anything when nothing is anomalous.
-        simulations: Monte-Carlo draws (capped so that ``simulations * count`` stays below 2e7).
+        values: one value per item, shape ``(K,)``, all finite.
+        reference: the items whose mean and standard deviation set the scale (default all); at least two besides
+            the smallest.
+        tested: the items the smallest is taken from (default all).
 
     Returns:
-        The threshold for :func:`small_outliers`.
+        ``(row, z)``: the row of the smallest tested value and its statistic (``inf`` when the others are all equal
+        and larger).
     """
-    if count < 3:
-        raise ValueError(f"need at least 3 values to calibrate, got {count}")
-    if not 0.0 < false_positive_rate < 1.0:
-        raise ValueError(f"false_positive_rate must be in (0, 1), got {false_positive_rate}")
-    draws = max(1000, min(simulations, 20_000_000 // count))
-    rng = np.random.default_rng(0)
-    values = rng.standard_normal((draws, count))
-    median = np.median(values, axis=1, keepdims=True)
-    mad = MAD_CONSISTENCY * np.median(np.abs(values - median), axis=1, keepdims=True)
-    largest = np.where(values < median, (median - values) / mad, 0.0).max(axis=1)
-    return float(np.quantile(largest, 1.0 - false_positive_rate))
+    x = _finite_1d(values)
+    rows = np.arange(x.size)
+    candidates = rows if tested is None else rows[np.asarray(tested)]
+    if candidates.size == 0:
+        raise ValueError("no tested values")
+    row = int(candidates[np.argmin(x[candidates])])
+    scale = rows if reference is None else rows[np.asarray(reference)]
+    others = x[scale[scale != row]]
+    if others.size < 2:
+        raise ValueError("the reference needs at least two values besides the smallest")
+    spread = float(others.std(ddof=1))
+    gap = float(others.mean() - x[row])
+    if spread == 0.0:
+        return row, math.inf if gap > 0 else 0.0
+    return row, gap / spread
+
+
+@dataclass(frozen=True)
+class NullThresholds:
+    """Thresholds of the small-side outlier tests over ``count`` values (see :func:`null_thresholds`)."""
+
+    index: float
+    z: float | None
 
 
 @functools.lru_cache(maxsize=64)
-def null_reference_index_quantile(
-    count: int, references: int, false_positive_rate: float, simulations: int = 20_000
-) -> float:
-    """Like :func:`null_max_index_quantile` when only a random sample of the values sets the median and MAD.
+def null_thresholds(
+    count: int,
+    false_positive_rate: float,
+    references: int | None = None,
+    index_share: float = 1.0,
+    simulations: int = 20_000,
+) -> NullThresholds:
+    """Thresholds that ``count`` outlier-free values exceed, together, with probability ``false_positive_rate``.
 
-    A screened Neural Cleanse run measures precisely only the smallest candidates and ``references`` classes drawn
-    at random from all ``count``; the candidates are judged against the references' median and MAD. Under the null
-    (``count`` standard normal values) the largest small-side index is then at most that of the overall smallest
-    value against the median and MAD of ``references`` random ones, reached when the screen ranks perfectly (any
-    other screen can only leave smaller values out); this returns its ``1 - false_positive_rate`` quantile
-    (seeded Monte-Carlo, deterministic). Fewer references estimate the scale less precisely: the threshold grows.
+    A fixed threshold ignores how many classes are tested and how noisy a median and MAD from ``count`` values are:
+    for 10 normally distributed values the largest small-side index exceeds the paper's 2 a third of the time.
+    This calibrates on that null instead (``count`` standard normal values, seeded Monte-Carlo, deterministic):
+
+    - ``index_share=1``: the MAD anomaly index alone, at its ``1 - false_positive_rate`` quantile;
+    - ``index_share < 1``: the MAD index at its ``1 - index_share * false_positive_rate`` quantile, and the
+      :func:`smallest_z` threshold that brings the chance of either firing to ``false_positive_rate``.
+
+    With ``references``, only that many values drawn at random set the scale (a screened run): the smallest of all
+    ``count`` values is judged against them, as when the screen ranks perfectly (any other screen can only leave
+    smaller values out, so the thresholds hold for it too); fewer references estimate the scale less precisely and
+    the thresholds grow.
 
     Args:
-        count: all values (the classes), at least 3.
-        references: how many of them form the reference sample, in [3, count].
+        count: values tested together (the classes), at least 3.
         false_positive_rate: family-wise probability of flagging anything when nothing is anomalous.
+        references: how many values set the scale, in [3, count]; default all.
+        index_share: the part of ``false_positive_rate`` given to the MAD index, in (0, 1].
         simulations: Monte-Carlo draws (capped so that ``simulations * count`` stays below 2e7).
     """
+    references = count if references is None else references
+    if count < 3:
+        raise ValueError(f"need at least 3 values to calibrate, got {count}")
     if not 3 <= references <= count:
         raise ValueError(f"need 3 <= references <= count, got {references} of {count}")
     if not 0.0 < false_positive_rate < 1.0:
         raise ValueError(f"false_positive_rate must be in (0, 1), got {false_positive_rate}")
+    if not 0.0 < index_share <= 1.0:
+        raise ValueError(f"index_share must be in (0, 1], got {index_share}")
     draws = max(1000, min(simulations, 20_000_000 // count))
-    rng = np.random.default_rng(0)
-    values = rng.standard_normal((draws, count))
+    values = np.random.default_rng(0).standard_normal((draws, count))
     sample = values[:, :references]  # i.i.d. columns: the first ones are as random a sample as any
     median = np.median(sample, axis=1)
     mad = MAD_CONSISTENCY * np.median(np.abs(sample - median[:, None]), axis=1)
-    largest = np.maximum((median - values.min(axis=1)) / mad, 0.0)
-    return float(np.quantile(largest, 1.0 - false_positive_rate))
+    smallest = values.min(axis=1)
+    index = np.maximum((median - smallest) / mad, 0.0)
+    index_threshold = float(np.quantile(index, 1.0 - index_share * false_positive_rate))
+    if index_share == 1.0:
+        return NullThresholds(index=index_threshold, z=None)
+    # the smallest's z against the reference values other than itself
+    inside = values.argmin(axis=1) < references
+    n = references - inside
+    total = sample.sum(axis=1) - np.where(inside, smallest, 0.0)
+    squares = (sample**2).sum(axis=1) - np.where(inside, smallest**2, 0.0)
+    mean = total / n
+    spread = np.sqrt(np.maximum(squares - n * mean**2, 0.0) / (n - 1))
+    z = (mean - smallest) / spread
+    index_fires = index > index_threshold
+    rest = false_positive_rate - float(index_fires.mean())  # what the z test may add
+    z_alone = np.where(index_fires, -np.inf, z)
+    return NullThresholds(index=index_threshold, z=float(np.quantile(z_alone, 1.0 - rest)))
 
 
 def seeded_subset(count: int, limit: int, seed: int) -> torch.Tensor | None:

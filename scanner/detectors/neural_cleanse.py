@@ -1,12 +1,13 @@
 """The ``neural_cleanse`` detector: :func:`scanner.neural_cleanse.neural_cleanse` on the clean samples, as JSON.
 
-Details: ``threshold`` and how it was chosen, ``rounds``, ``stamped_images`` (the work: images sent through the model
-forward and backward), ``samples_used``, ``screening`` (``null``, or the screen of
-a many-class model: its steps, candidates and reference classes) and, per class, ``mask_l1``, ``anomaly_index``
+Details: ``threshold`` (of the MAD anomaly index) and how it was chosen, ``z_test`` (the class with the smallest
+mask, its z and the z threshold: ``null`` when only the MAD index decides), ``rounds``, ``stamped_images`` (the
+work: images sent through the model forward and backward), ``samples_used``, ``screening`` (``null``, or the screen
+of a many-class model: its steps, candidates and reference classes) and, per class, ``mask_l1``, ``anomaly_index``
 (``null`` for a screened-out class, which is not tested), ``attack_success_rate``, ``steps``, ``screened_out``,
-``flagged``; flagged classes add the mask and pattern as PNG and the trigger evidence (stamped samples, Grad-CAM).
-Every class's mask and pattern are artifacts (PNG, npy). The detector votes only when every tested class converged
-(otherwise ``not_converged``).
+``flagged`` (and ``z_test`` on the smallest class); flagged classes add the mask and pattern as PNG and the trigger
+evidence (stamped samples, Grad-CAM). Every class's mask and pattern are artifacts (PNG, npy). The detector votes
+only when every tested class converged (otherwise ``not_converged``).
 """
 
 from __future__ import annotations
@@ -93,6 +94,8 @@ def _run(inputs: ScanInputs, progress: DetectorProgress) -> DetectorResult:
             "screened_out": trigger.screened_out,
             "flagged": flagged,
         }
+        if trigger.target == result.smallest_class and result.z_threshold is not None:
+            entry["z_test"] = {"z": rounded(result.smallest_z), "threshold": round(result.z_threshold, 4)}
         names = {
             "mask_png": f"{stem}-mask.png",
             "pattern_png": f"{stem}-pattern.png",
@@ -125,6 +128,11 @@ def _run(inputs: ScanInputs, progress: DetectorProgress) -> DetectorResult:
         details={
             "threshold": round(result.threshold, 4),
             "threshold_rule": rule,
+            "z_test": {
+                "class": result.smallest_class,
+                "z": rounded(result.smallest_z),
+                "threshold": None if result.z_threshold is None else round(result.z_threshold, 4),
+            },
             "anomaly_scale": config.anomaly_scale,
             "rounds": result.rounds,
             "stamped_images": result.images_total,

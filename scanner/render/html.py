@@ -299,7 +299,14 @@ class _Page:
         parts = [
             '<section id="neural-cleanse"><h2>Neural Cleanse</h2>',
             f"<p>Reversed trigger per class; a class whose mask is an outlier on the small side (anomaly index above "
-            f"{_fmt(threshold)}, {_fmt(nc.get('threshold_rule'))}) is flagged. Samples used: "
+            f"{_fmt(threshold)}, {_fmt(nc.get('threshold_rule'))}) is flagged"
+            + (
+                f", and so is the class with the smallest mask when its z (its distance below the other classes, in "
+                f"their standard deviations) exceeds {_fmt(_dict(nc.get('z_test')).get('threshold'))}"
+                if _number(_dict(nc.get("z_test")).get("threshold")) is not None
+                else ""
+            )
+            + f". Samples used: "
             f"{_fmt(nc.get('samples_used'))}.</p>",
             _screening_note(_dict(nc.get("screening")), len(classes)),
             _anomaly_chart(classes, threshold),
@@ -338,11 +345,13 @@ class _Page:
 
     def flagged_class(self, entry: Mapping[str, Any], threshold: float | None) -> str:
         k = entry.get("class")
+        z_test = _dict(entry.get("z_test"))
         names = _dict(entry.get("artifacts"))
         parts = [
             f'<article class="flagged" id="nc-class-{_e(k)}">',
             f"<h3>Class {_fmt(k)}: anomaly index {_fmt(entry.get('anomaly_index'))} (threshold {_fmt(threshold)}), "
-            f"mask L1 {_fmt(entry.get('mask_l1'))}, attack success {_fmt(entry.get('attack_success_rate'))}</h3>",
+            + (f"z {_fmt(z_test.get('z'))} (threshold {_fmt(z_test.get('threshold'))}), " if z_test else "")
+            + f"mask L1 {_fmt(entry.get('mask_l1'))}, attack success {_fmt(entry.get('attack_success_rate'))}</h3>",
             "<figure>" + self.class_image(entry, "mask", f"class {k} recovered mask", "pixel")
             + "<figcaption>recovered mask</figcaption></figure>",
             "<figure>" + self.class_image(entry, "pattern", f"class {k} recovered pattern", "pixel")

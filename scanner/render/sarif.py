@@ -143,8 +143,8 @@ def _artifact_uri(model_path: PurePath, base: Path | None) -> str:
     return quote(normalized, safe="/")
 
 
-def _number(value: object) -> object:
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _fingerprint(*parts: object) -> str:
@@ -170,9 +170,25 @@ def _nc_message(entry: Mapping[str, Any], threshold: object) -> str:
         text += f" of L1 norm {_fmt(entry['mask_l1'])}"
     if _number(entry.get("attack_success_rate")) is not None:
         text += f" that sends {100 * float(entry['attack_success_rate']):.1f}% of other classes' samples to it"
-    if _number(entry.get("anomaly_index")) is not None:
-        text += f" (anomaly index {_fmt(entry['anomaly_index'])}"
-        text += f" > threshold {_fmt(threshold)})" if _number(threshold) is not None else ")"
+    reasons = []
+    index = _number(entry.get("anomaly_index"))
+    if index is not None:
+        limit = _number(threshold)
+        above = limit is not None and index > limit
+        reasons.append(
+            f"anomaly index {_fmt(entry['anomaly_index'])}" + (f" > threshold {_fmt(threshold)}" if above else "")
+        )
+    z_test = entry.get("z_test")
+    if isinstance(z_test, Mapping) and _number(z_test.get("z")) is not None:
+        z, z_limit = _number(z_test.get("z")), _number(z_test.get("threshold"))
+        above = z is not None and z_limit is not None and z > z_limit
+        reasons.append(
+            f"z {_fmt(z_test['z'])}"
+            + (f" > threshold {_fmt(z_test['threshold'])}" if above else "")
+            + " below the other classes"
+        )
+    if reasons:
+        text += f" ({'; '.join(reasons)})"
     return text + "."
 
 

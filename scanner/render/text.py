@@ -36,11 +36,19 @@ def _finding_line(finding: object) -> str:
     return text
 
 
+def _z_part(entry: Mapping[str, Any]) -> str:
+    """`` z Z (threshold T),`` for the Neural Cleanse class that carries the z test, else nothing."""
+    z_test = entry.get("z_test")
+    if not isinstance(z_test, Mapping):
+        return ""
+    return f" z {z_test.get('z')} (threshold {z_test.get('threshold')}),"
+
+
 #: What the text report says about a flagged class, per detector: the statistic that crossed the threshold first.
 _FLAGGED_CLASS_LINES: dict[str, Callable[[Mapping[str, Any], object], str]] = {
     "neural_cleanse": lambda entry, threshold: (
-        f"anomaly index {entry.get('anomaly_index')} (threshold {threshold}), trigger L1 {entry.get('mask_l1')},"
-        f" attack success {entry.get('attack_success_rate')}"
+        f"anomaly index {entry.get('anomaly_index')} (threshold {threshold}),{_z_part(entry)}"
+        f" trigger L1 {entry.get('mask_l1')}, attack success {entry.get('attack_success_rate')}"
     ),
     "spectral_signatures": lambda entry, threshold: (
         f"score {entry.get('score')} (threshold {threshold}), {entry.get('suspicious_count')} suspicious samples"

@@ -6,10 +6,18 @@ import pytest
 from scanner.stats import (
     MAD_CONSISTENCY,
     anomaly_index,
-    null_max_index_quantile,
-    null_reference_index_quantile,
+    null_thresholds,
     small_outliers,
+    smallest_z,
 )
+
+
+def null_max_index_quantile(count: int, rate: float) -> float:
+    return null_thresholds(count, rate).index
+
+
+def null_reference_index_quantile(count: int, references: int, rate: float) -> float:
+    return null_thresholds(count, rate, references).index
 
 
 def test_anomaly_index_on_hand_made_numbers() -> None:
@@ -115,3 +123,58 @@ def test_reference_quantile_with_every_value_as_reference_is_the_plain_one() -> 
 def test_reference_quantile_rejects_bad_arguments(count: int, references: int, rate: float) -> None:
     with pytest.raises(ValueError, match=r"references|false_positive_rate"):
         null_reference_index_quantile(count, references, rate)
+
+
+def test_smallest_z_on_hand_made_numbers() -> None:
+    # the others [4, 5, 6] have mean 5 and sd 1: the 1 sits 4 sds below them
+    row, z = smallest_z([5.0, 1.0, 4.0, 6.0])
+    assert row == 1
+    assert z == pytest.approx(4.0)
+    # only rows 0, 2, 3 tested: the smallest of them is 4, against [5, 6] (row 1 is not in the reference)
+    row, z = smallest_z([5.0, 1.0, 4.0, 6.0], reference=[0, 2, 3], tested=[0, 2, 3])
+    assert row == 2
+    assert z == pytest.approx((5.5 - 4.0) / np.std([5.0, 6.0], ddof=1))
+    assert smallest_z([3.0, 3.0, 3.0, 1.0]) == (3, float("inf"))
+    with pytest.raises(ValueError, match="two values"):
+        smallest_z([1.0, 2.0])
+
+
+def test_joint_thresholds_share_the_false_positive_rate() -> None:
+    """Index and z together flag about the promised share of outlier-free draws (fresh ones), the index alone about
+    a fifth of it; with index_share 1 there is no z test and the index threshold is the plain quantile."""
+    for count, references in ((10, None), (100, 16)):
+        joint = null_thresholds(count, 0.05, references, 0.2)
+        assert joint.z is not None
+        assert joint.index > null_thresholds(count, 0.05, references).index
+        assert null_thresholds(count, 0.05, references).z is None
+        rng = np.random.default_rng(17)
+        either = index_only = 0
+        draws = 4000
+        for _ in range(draws):
+            values = rng.standard_normal(count)
+            sample = np.arange(count) if references is None else rng.choice(count, references, replace=False)
+            reference = np.isin(np.arange(count), sample)
+            tested = reference.copy()
+            tested[np.argmin(values)] = True  # a perfect screen keeps the smallest
+            by_index = bool((tested & small_outliers(values, joint.index, reference)).any())
+            by_z = smallest_z(values, reference, tested)[1] > joint.z
+            either += by_index or by_z
+            index_only += by_index
+        assert 0.03 < either / draws < 0.07
+        assert index_only / draws < 0.025
+
+
+def test_z_test_separates_a_lone_outlier_better_than_the_index_with_ten_values() -> None:
+    """The reason for the z test: one value 4 sds below nine others is found more often at the same 5%."""
+    joint = null_thresholds(10, 0.05, None, 0.2)
+    index_only = null_thresholds(10, 0.05).index
+    assert joint.z is not None
+    rng = np.random.default_rng(23)
+    hits_joint = hits_index = 0
+    for _ in range(3000):
+        values = rng.standard_normal(10)
+        values[0] -= 4.0
+        hits_index += bool(small_outliers(values, index_only)[0])
+        row, z = smallest_z(values)
+        hits_joint += bool(small_outliers(values, joint.index)[0]) or (row == 0 and z > joint.z)
+    assert hits_joint > 1.1 * hits_index

@@ -72,7 +72,7 @@ def test_report_shows_the_verdict_and_the_target(scanned: dict[str, Any], badnet
     assert f'id="nc-class-{badnets.target}"' in page
     assert f'id="spectral-class-{badnets.target}"' in page
     assert page.count("<svg") == 2  # the anomaly-index chart and the target's score histogram
-    assert "threshold 3.84" in page
+    assert f"threshold {verdict['detectors']['neural_cleanse']['threshold']:.4g}" in page  # the chart's line
     assert "badnets.pt2" in page
 
 

@@ -307,3 +307,24 @@ def test_schema_rejects_a_broken_log() -> None:
     del log["runs"][0]["results"][0]["message"]
     with pytest.raises(AssertionError, match="message"):
         validate_sarif(log)
+
+
+def test_neural_cleanse_class_flagged_by_its_z_says_so() -> None:
+    """A class flagged by the z test with an anomaly index under the threshold: the message must not claim the
+    index crossed it."""
+    entry = {
+        "class": 4,
+        "flagged": True,
+        "mask_l1": 8.1,
+        "anomaly_index": 3.41,
+        "attack_success_rate": 1.0,
+        "z_test": {"z": 5.2, "threshold": 3.61},
+    }
+    nc = {"status": "ok", "flagged_classes": [4], "threshold": 5.89, "classes": [entry]}
+    log = sarif_log(_verdict("backdoored", {"model_file": MODEL_FILE_OK, "neural_cleanse": nc}), Path("m.pt2"))
+    validate_sarif(log)
+    (result,) = _results(log)
+    text = result["message"]["text"]
+    assert "anomaly index 3.41;" in text
+    assert "> threshold 5.89" not in text
+    assert "z 5.2 > threshold 3.61 below the other classes" in text

@@ -57,3 +57,12 @@ def test_text_report_of_a_refusal_says_the_file_was_never_loaded() -> None:
     assert lines[0] == "evil.pt: UNSAFE_FILE"
     assert "  refused by the server before scanning: the file was never loaded" in lines
     assert "    - archive/data.pkl: os.system: not allowed" in lines
+
+
+def test_text_report_gives_the_z_of_the_class_that_carries_it() -> None:
+    verdict = _verdict()
+    nc = verdict["detectors"]["neural_cleanse"]  # type: ignore[index]
+    nc["classes"][0]["z_test"] = {"z": 5.2, "threshold": 3.61}
+    lines = render_text(verdict, "model.pt2").splitlines()
+    expected = "anomaly index 4.1 (threshold 2.5), z 5.2 (threshold 3.61), trigger L1 9.0, attack success 1.0"
+    assert f"    - class 0: {expected}" in lines
