@@ -169,11 +169,15 @@ class NeuralCleanseConfig:
             bench zoo, fp32 everywhere else (CUDA included: not measured yet).
         restarts: optimise every class this many times from different starts; keep the smallest valid mask.
         confirm_rounds: up to this many more rounds of every tested class, from new starts, run only while the
-            decision is close: the largest small-side anomaly index or the smallest class's z within
-            ``confirm_margin`` (relative) of its threshold, on either side, and neither clearly above. Each class
-            keeps its smallest valid mask over all rounds, so a close call is decided on steadier L1 norms while
-            clear ones cost a single round.
-        confirm_margin: the relative half-width of the "close" band around a threshold.
+            decision is close: the largest small-side anomaly index or the smallest class's z in its close band
+            and neither clearly above its threshold. Each class keeps its smallest valid mask over all rounds, so a
+            close call is decided on steadier L1 norms while clear ones cost a single round.
+        confirm_margin: a statistic more than this (relative) above its threshold is clearly flagged: no second
+            round. With a fixed ``anomaly_threshold`` the close band starts this much below the threshold.
+        confirm_rate: with calibrated thresholds, the close bands start at the values that this share of
+            outlier-free models reach (calibrated like the thresholds), so about this share of clean models pays
+            for a second round whatever the class count. A band relative to the threshold would not do: with 100
+            screened classes the smallest class's z sits near 0.7x its threshold on most clean models.
         anomaly_threshold: flag classes below the median with an anomaly index above this; ``None``
             calibrates it to the class count and ``false_positive_rate``.
         false_positive_rate: with ``anomaly_threshold=None``, the chance of flagging a model whose trigger
@@ -219,6 +223,7 @@ class NeuralCleanseConfig:
     restarts: int = 1
     confirm_rounds: int = 1
     confirm_margin: float = 0.3
+    confirm_rate: float = 0.15
     anomaly_threshold: float | None = None
     false_positive_rate: float = 0.05
     anomaly_scale: str = "log"
@@ -263,6 +268,7 @@ class NeuralCleanseConfig:
             "restarts": self.restarts >= 1,
             "confirm_rounds": self.confirm_rounds >= 0,
             "confirm_margin": 0.0 <= self.confirm_margin < 1.0,
+            "confirm_rate": self.false_positive_rate < self.confirm_rate < 1.0,
             "anomaly_threshold": self.anomaly_threshold is None or self.anomaly_threshold > 0,
             "false_positive_rate": 0.0 < self.false_positive_rate < 1.0,
             "anomaly_scale": self.anomaly_scale in ("log", "linear"),

@@ -715,6 +715,8 @@ class _OutlierTest:
     reference: npt.NDArray[np.bool_]
     threshold: float
     z_threshold: float | None = None
+    close_threshold: float | None = None  # where a close call starts (default: (1 - margin) x threshold)
+    close_z_threshold: float | None = None
 
     @classmethod
     def of(
@@ -723,10 +725,11 @@ class _OutlierTest:
         l1 = _l1_norms(triggers)
         tested = np.array([not t.screened_out for t in triggers])
         reference = tested if references is None else np.isin([t.target for t in triggers], references)
-        threshold, z_threshold = decision_thresholds(
-            config, len(triggers), None if references is None else len(references)
-        )
-        return cls(np.log(l1) if config.anomaly_scale == "log" else l1, tested, reference, threshold, z_threshold)
+        count = None if references is None else len(references)
+        threshold, z_threshold = decision_thresholds(config, len(triggers), count)
+        close, close_z = close_call_thresholds(config, len(triggers), count)
+        statistic = np.log(l1) if config.anomaly_scale == "log" else l1
+        return cls(statistic, tested, reference, threshold, z_threshold, close, close_z)
 
     def on_scale(self, values: npt.NDArray[np.float64]) -> _OutlierTest:
         """The same test on other values (the paper's raw L1 norms, for comparison)."""
@@ -748,17 +751,33 @@ class _OutlierTest:
         return flags
 
     def close_call(self, margin: float) -> bool:
-        """Whether a statistic lies within ``margin`` (relative) of its threshold while none is clearly above its
-        own: the largest small-side index of the tested classes, and the smallest class's z."""
+        """Whether a statistic lies in its close band while none is clearly above its threshold (more than
+        ``margin``, relative): the largest small-side index of the tested classes, and the smallest class's z. A
+        band starts at ``close_threshold`` / ``close_z_threshold`` (``(1 - margin)`` times the threshold when not
+        given)."""
         small_side = self.tested & (self.statistic < np.median(self.statistic[self.reference]))
-        pairs = []
+        bands = []  # (value, band start, threshold)
         if small_side.any():
-            pairs.append((float(anomaly_index(self.statistic, self.reference)[small_side].max()), self.threshold))
+            largest = float(anomaly_index(self.statistic, self.reference)[small_side].max())
+            bands.append((largest, self.close_threshold, self.threshold))
         if self.z_threshold is not None:
-            pairs.append((self.smallest()[1], self.z_threshold))
-        if any(value > threshold * (1 + margin) for value, threshold in pairs):
+            bands.append((self.smallest()[1], self.close_z_threshold, self.z_threshold))
+        if any(value > threshold * (1 + margin) for value, _, threshold in bands):
             return False  # flagged whatever another round finds
-        return any(value >= threshold * (1 - margin) for value, threshold in pairs)
+        return any(value >= (threshold * (1 - margin) if start is None else start) for value, start, threshold in bands)
+
+
+def close_call_thresholds(
+    config: NeuralCleanseConfig, num_classes: int, references: int | None = None
+) -> tuple[float | None, float | None]:
+    """Where the close-call bands of the MAD index and of the smallest class's z start: calibrated like the decision
+    thresholds but at ``config.confirm_rate`` (the share of outlier-free models that get a second round); ``None``
+    (``(1 - confirm_margin)`` times the threshold) with a fixed threshold."""
+    if config.anomaly_threshold is not None or num_classes < 3:
+        return None, None
+    share = _INDEX_SHARE if config.z_test else 1.0
+    thresholds = null_thresholds(num_classes, config.confirm_rate, references, share)
+    return thresholds.index, thresholds.z
 
 
 def decision_thresholds(

@@ -21,6 +21,7 @@ from scanner.neural_cleanse import (
     _OutlierTest,
     _Schedule,
     _to_unit,
+    close_call_thresholds,
     decision_thresholds,
     neural_cleanse,
     reverse_engineer_triggers,
@@ -251,28 +252,40 @@ def test_close_call_band_on_hand_made_numbers() -> None:
     assert not _close_call(np.zeros(5), 3.84, 0.4)  # nothing below the median
 
 
+@pytest.mark.parametrize(("count", "references"), [(10, None), (100, 16)])
 @pytest.mark.parametrize("noise", [0.3, 0.6])
-def test_confirmation_round_keeps_the_false_positive_rate(noise: float) -> None:
+def test_confirmation_round_keeps_the_false_positive_rate(noise: float, count: int, references: int | None) -> None:
     """Outlier-free models (class sizes normal on the log scale, plus run-to-run noise) are flagged by the default
     tests (MAD index and the smallest class's z) with the confirmation rule about as often as the calibration
-    promises for one run (5%), and only close calls, about a fifth of them, pay for a second round."""
+    promises for one run (5%), and only close calls, about ``confirm_rate`` of them, pay for a second round, with
+    10 classes and with 100 screened ones (a perfect screen: the 6 smallest and 16 random references)."""
     config = NeuralCleanseConfig()
-    index_threshold, z_threshold = decision_thresholds(config, 10)
+    index_threshold, z_threshold = decision_thresholds(config, count, references)
+    close, close_z = close_call_thresholds(config, count, references)
     assert z_threshold is not None
-    everything = np.ones(10, dtype=bool)
+    assert close is not None
+    assert close < index_threshold
+    assert close_z is not None
+    assert close_z < z_threshold
     rng = np.random.default_rng(11)
-    draws, flagged, confirmed = 4000, 0, 0
+    draws, flagged, confirmed = 3000, 0, 0
     for _ in range(draws):
-        classes = rng.standard_normal(10)
-        statistic = classes + noise * rng.standard_normal(10)
-        test = _OutlierTest(statistic, everything, everything, index_threshold, z_threshold)
+        classes = rng.standard_normal(count)
+        statistic = classes + noise * rng.standard_normal(count)
+        if references is None:
+            tested = reference = np.ones(count, dtype=bool)
+        else:
+            reference = np.isin(np.arange(count), rng.choice(count, references, replace=False))
+            tested = reference.copy()
+            tested[np.argsort(statistic)[:6]] = True
+        test = _OutlierTest(statistic, tested, reference, index_threshold, z_threshold, close, close_z)
         if test.close_call(config.confirm_margin):
             confirmed += 1
-            statistic = np.minimum(statistic, classes + noise * rng.standard_normal(10))  # each class's smaller L1
-            test = replace(test, statistic=statistic)
+            again = np.minimum(statistic, classes + noise * rng.standard_normal(count))  # each class's smaller L1
+            test = replace(test, statistic=np.where(tested, again, statistic))
         flagged += bool(test.flagged().any())
-    assert 0.03 < flagged / draws < 0.07
-    assert 0.1 < confirmed / draws < 0.3
+    assert 0.03 < flagged / draws < 0.075
+    assert 0.07 < confirmed / draws < 0.22
 
 
 def test_z_test_flags_the_smallest_class_and_a_clear_call_is_not_close() -> None:
