@@ -189,12 +189,13 @@ class NeuralCleanseConfig:
             (:func:`scanner.stats.null_thresholds`). With 10 classes the MAD rests on two values and is noisy: the
             z test separated the bench's backdoored and clean models where the index alone missed a weak 4x4
             trigger on one seed and a two-digit model whose clean classes spread widely. ``False`` (or a fixed
-            ``anomaly_threshold``) is the MAD test alone.
+            ``anomaly_threshold``, or a screened run: see ``screen_above``) is the MAD test alone.
         screen_above: with more classes than this, screen first (``None``: never). Every class runs the schedule
             for ``screen_steps`` steps; then only the ``screen_candidates`` classes with the smallest masks so far
             and ``screen_references`` classes drawn at random from all (seeded) run on to convergence. The
             candidates are where a target can be; the references are an unbiased sample of the classes, whose median
-            and MAD replace those of all classes in the outlier test, with a threshold calibrated for that sample
+            and MAD replace those of all classes in the outlier test (the MAD index alone: with z beside it, a class
+            of a clean 100-class model was flagged on one seed), with a threshold calibrated for that sample
             (:func:`scanner.stats.null_thresholds`). The other classes stop after the screen and
             are not tested. Time then grows with ``screen_steps`` per class, not with each class's full search.
         screen_steps, screen_candidates, screen_references: see ``screen_above``.
