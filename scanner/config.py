@@ -189,15 +189,16 @@ class NeuralCleanseConfig:
             (:func:`scanner.stats.null_thresholds`). With 10 classes the MAD rests on two values and is noisy: the
             z test separated the bench's backdoored and clean models where the index alone missed a weak 4x4
             trigger on one seed and a two-digit model whose clean classes spread widely. ``False`` (or a fixed
-            ``anomaly_threshold``, or a screened run: see ``screen_above``) is the MAD test alone.
-        screen_above: with more classes than this, screen first (``None``: never). Every class runs the schedule
-            for ``screen_steps`` steps; then only the ``screen_candidates`` classes with the smallest masks so far
-            and ``screen_references`` classes drawn at random from all (seeded) run on to convergence. The
-            candidates are where a target can be; the references are an unbiased sample of the classes, whose median
-            and MAD replace those of all classes in the outlier test (the MAD index alone: with z beside it, a class
-            of a clean 100-class model was flagged on one seed), with a threshold calibrated for that sample
-            (:func:`scanner.stats.null_thresholds`). The other classes stop after the screen and
-            are not tested. Time then grows with ``screen_steps`` per class, not with each class's full search.
+            ``anomaly_threshold``, a screened run, or more than 32 classes, where it was not measured and the clean
+            100-class bench model's smallest classes lay further out than its null says) is the MAD test alone.
+        screen_above: with more classes than this, screen first (default ``None``: never; experimental, because on
+            the clean 100-class bench model the screen's test flagged classes). Every class runs the schedule for
+            ``screen_steps`` steps; then only the ``screen_candidates`` classes with the smallest masks so far and
+            ``screen_references`` classes drawn at random (seeded) run on to convergence. The candidates are where
+            a target can be; the references are an unbiased sample of the classes, whose median and MAD replace
+            those of all classes in the outlier test (the MAD index alone), with a threshold calibrated for that
+            sample (:func:`scanner.stats.null_thresholds`). The other classes stop after the screen and are not
+            tested. Time then grows with ``screen_steps`` per class, not with each class's full search.
         screen_steps, screen_candidates, screen_references: see ``screen_above``.
         screen_batch_size: clean samples per mini-batch and class during the screen (``batch_size`` after it): the
             screen only ranks the classes, and at a quarter of the samples it costs a quarter as much.
@@ -229,7 +230,7 @@ class NeuralCleanseConfig:
     false_positive_rate: float = 0.05
     anomaly_scale: str = "log"
     z_test: bool = True
-    screen_above: int | None = 32
+    screen_above: int | None = None
     screen_steps: int = 30
     screen_candidates: int = 6
     screen_references: int = 16
