@@ -19,8 +19,8 @@ from scanner.verdict import BACKDOOR_DETECTORS
 __all__ = ["MIN_NC_MAX_STEPS", "OptionsError", "ScanOptions", "parse_options", "scan_config"]
 
 #: The smallest ``nc_max_steps``: a class's cost schedule needs 5 steps to switch its L1 cost on, 5 more to raise
-#: and 5 to lower it, then 30 without a 2% smaller mask to stop (45 at the very least); the classes of the bench and
-#: test models stopped after 90 to 500 steps. A limit below that can only end in ``not_converged``.
+#: and 5 to lower it, then 30 without a 2% smaller mask to stop (45 at the very least); the wide-CNN bench classes
+#: stopped after 110 to 160 steps in one round. A limit below that can only end in ``not_converged``.
 MIN_NC_MAX_STEPS = 100
 
 
