@@ -11,6 +11,7 @@ from scanner.verdict import BACKDOOR_DETECTORS
 
 __all__ = [
     "DataLimits",
+    "MaxMarginConfig",
     "ModelOptions",
     "NeuralCleanseConfig",
     "ScanConfig",
@@ -347,6 +348,47 @@ class SpectralConfig:
 
 
 @dataclass(frozen=True)
+class MaxMarginConfig:
+    """Hyper-parameters of the data-free detector :func:`scanner.max_margin.max_margin`.
+
+    Attributes:
+        starts: random inputs optimised per class; a class's statistic is the largest margin any of them reached.
+        steps: at most this many gradient-ascent steps per input (Adam, learning rate decayed to 1% on a cosine).
+        patience, min_delta: a chunk of classes stops early once no class's largest margin grew by more than
+            ``min_delta`` (relative) over the last ``patience`` steps. On the bench's MNIST models the statistics
+            after 150 steps were within 2% of those after 600.
+        lr: Adam's initial learning rate, in [0, 1] pixel units.
+        significance: the largest class is flagged when its order-statistic p-value is below this.
+        max_images_per_forward: inputs optimised together (classes per chunk = this // ``starts``).
+    """
+
+    starts: int = 8
+    steps: int = 300
+    patience: int = 30
+    min_delta: float = 0.005
+    lr: float = 0.05
+    significance: float = 0.01
+    max_images_per_forward: int = 1024
+
+    def __post_init__(self) -> None:
+        checks = {
+            "starts": 1 <= self.starts <= 256,
+            "steps": 1 <= self.steps <= 100_000,
+            "patience": self.patience >= 1,
+            "min_delta": 0.0 <= self.min_delta < 1.0,
+            "lr": 0.0 < self.lr <= 1.0,
+            "significance": 0.0 < self.significance < 1.0,
+            "max_images_per_forward": self.max_images_per_forward >= 1,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise InvalidOptionError(f"invalid max-margin option(s): {', '.join(bad)}")
+
+    def classes_per_chunk(self) -> int:
+        return max(1, self.max_images_per_forward // self.starts)
+
+
+@dataclass(frozen=True)
 class ScanConfig:
     """Everything one scan needs besides file paths and the device.
 
@@ -358,6 +400,7 @@ class ScanConfig:
     seed: int = 0
     neural_cleanse: NeuralCleanseConfig = field(default_factory=NeuralCleanseConfig)
     spectral: SpectralConfig = field(default_factory=SpectralConfig)
+    max_margin: MaxMarginConfig = field(default_factory=MaxMarginConfig)
     data_limits: DataLimits = field(default_factory=DataLimits)
     detectors: tuple[str, ...] = BACKDOOR_DETECTORS
 

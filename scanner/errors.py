@@ -27,6 +27,7 @@ __all__ = [
     "StateDictMismatchError",
     "TooFewClassesError",
     "TrustRequiredError",
+    "UndecidableError",
     "UnknownArchitectureError",
     "UnsafeFileError",
     "UnsupportedFormatError",
@@ -154,3 +155,9 @@ class TooFewClassesError(ScannerError):
     """The model has too few classes for the detector's outlier test (a median/MAD of two values never flags)."""
 
     code = "too_few_classes"
+
+
+class UndecidableError(ScannerError):
+    """A detector ran but its statistic cannot decide (non-finite outputs, no spread to fit a null to)."""
+
+    code = "undecidable"

@@ -13,8 +13,11 @@ import torch
 
 __all__ = [
     "MAD_CONSISTENCY",
+    "GammaFit",
     "NullThresholds",
     "anomaly_index",
+    "gamma_fit",
+    "largest_p_value",
     "null_thresholds",
     "seeded_subset",
     "small_outliers",
@@ -198,3 +201,65 @@ def seeded_subset(count: int, limit: int, seed: int) -> torch.Tensor | None:
     if count <= limit:
         return None
     return torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:limit]
+
+
+@dataclass(frozen=True)
+class GammaFit:
+    """A Gamma distribution fitted by maximum likelihood: ``shape`` (k) and ``scale`` (theta)."""
+
+    shape: float
+    scale: float
+
+    def survival(self, value: float) -> float:
+        """``P(X > value)`` (the regularised upper incomplete gamma function)."""
+        if value <= 0:
+            return 1.0
+        return float(
+            torch.special.gammaincc(
+                torch.tensor(self.shape, dtype=torch.float64), torch.tensor(value / self.scale, dtype=torch.float64)
+            )
+        )
+
+
+def gamma_fit(values: Values, max_shape: float = 1e4) -> GammaFit:
+    """Maximum-likelihood Gamma fit of positive values.
+
+    The shape solves ``log(k) - digamma(k) = log(mean) - mean(log x)`` (Newton's method from the closed-form
+    approximation of Minka, "Estimating a Gamma distribution", 2002); the scale is ``mean / k``.
+
+    Args:
+        values: at least two positive, finite values that are not all equal.
+        max_shape: the shape is capped here (values that barely vary give a huge shape: an almost-normal null
+            whose width the cap keeps from collapsing to zero).
+
+    Raises:
+        ValueError: fewer than two values, a value that is not positive and finite, or no spread.
+    """
+    x = _finite_1d(values)
+    if x.size < 2 or np.any(x <= 0):
+        raise ValueError("a Gamma fit needs at least two positive values")
+    mean = float(x.mean())
+    s = math.log(mean) - float(np.log(x).mean())
+    if not s > 1e-12:
+        raise ValueError("a Gamma fit needs values that are not all equal")
+    shape = (3.0 - s + math.sqrt((s - 3.0) ** 2 + 24.0 * s)) / (12.0 * s)
+    for _ in range(50):
+        k = torch.tensor(shape, dtype=torch.float64)
+        f = math.log(shape) - float(torch.special.digamma(k)) - s
+        derivative = 1.0 / shape - float(torch.special.polygamma(1, k))
+        step = f / derivative
+        shape = max(shape - step, shape / 10.0)
+        if abs(step) < 1e-10 * shape:
+            break
+    shape = min(shape, max_shape)
+    return GammaFit(shape=shape, scale=mean / shape)
+
+
+def largest_p_value(statistic: float, null: GammaFit, count: int) -> float:
+    """The order-statistic p-value of the largest of ``count`` values: ``1 - F(statistic) ** count``, where ``F``
+    is the null's distribution function; computed from the survival function so that tiny p-values keep their
+    precision."""
+    tail = null.survival(statistic)
+    if tail >= 1.0:
+        return 1.0
+    return float(-math.expm1(count * math.log1p(-tail)))

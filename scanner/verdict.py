@@ -21,7 +21,7 @@ __all__ = [
 ]
 
 #: Detectors that look for backdoors (as opposed to ``model_file``, which looks for unsafe pickles).
-BACKDOOR_DETECTORS = ("neural_cleanse", "spectral_signatures")
+BACKDOOR_DETECTORS = ("neural_cleanse", "spectral_signatures", "max_margin")
 
 
 class VerdictLabel(StrEnum):

@@ -121,7 +121,8 @@ def _add_detector_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--detectors",
         metavar="NAME,..",
-        help="backdoor detectors to run: neural_cleanse,spectral_signatures (default: all whose data is given)",
+        help="backdoor detectors to run: neural_cleanse,spectral_signatures,max_margin (default: all that can run; "
+        "max_margin needs no data)",
     )
     parser.add_argument("--nc-restarts", type=int, metavar="N", help="Neural Cleanse restarts per class (1-5)")
     parser.add_argument(

@@ -37,7 +37,8 @@ Scan image-classifier checkpoints for backdoors before you deploy them.
 1. **Authorize** with an API key (`Authorization: Bearer <key>`).
 2. `POST /v1/scans` with the checkpoint as `model` (`.pt2`, safetensors or `torch.save` state_dict; state_dicts
    need `arch`), optional clean samples as `data` (Neural Cleanse) and the training set as `training_data`
-   (spectral signatures). Unsafe or corrupt files are refused at once.
+   (spectral signatures). The data-free maximum-margin test runs on every scan, so a checkpoint alone gets a
+   verdict. Unsafe or corrupt files are refused at once.
 3. Poll `GET /v1/scans/{id}` until `status` is `succeeded`, `failed` or `cancelled`; `result.verdict` is
    `clean`, `backdoored`, `unsafe_file` or `inconclusive`. Trigger masks are under
    `GET /v1/scans/{id}/artifacts/{name}`.

@@ -54,7 +54,7 @@ class ScanOptions(BaseModel):
     std: list[float] | None = Field(
         default=None, min_length=1, max_length=16, description="per-channel std, e.g. 0.3081"
     )
-    detectors: list[Literal["neural_cleanse", "spectral_signatures"]] | None = Field(
+    detectors: list[Literal["neural_cleanse", "spectral_signatures", "max_margin"]] | None = Field(
         default=None, min_length=1, description="backdoor detectors to run (default: all whose data is given)"
     )
     seed: int = Field(default=0, ge=0, le=2**31 - 1, description="random seed")

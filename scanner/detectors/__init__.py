@@ -8,9 +8,10 @@ scan there (:mod:`scanner.detectors.model_file`). A new detector is a module her
 """
 
 from scanner.detectors.base import Detector, DetectorProgress, Progress, ScanInputs
+from scanner.detectors.max_margin import MAX_MARGIN
 from scanner.detectors.neural_cleanse import NEURAL_CLEANSE
 from scanner.detectors.spectral import SPECTRAL_SIGNATURES
 
 __all__ = ["DETECTORS", "Detector", "DetectorProgress", "Progress", "ScanInputs"]
 
-DETECTORS: tuple[Detector, ...] = (NEURAL_CLEANSE, SPECTRAL_SIGNATURES)
+DETECTORS: tuple[Detector, ...] = (NEURAL_CLEANSE, SPECTRAL_SIGNATURES, MAX_MARGIN)

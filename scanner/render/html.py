@@ -88,6 +88,7 @@ def render_html(
         _model_file_section(_dict(detectors.get("model_file"))),
         page.neural_cleanse(_dict(detectors.get("neural_cleanse"))),
         page.spectral(_dict(detectors.get("spectral_signatures"))),
+        page.max_margin(_dict(detectors.get("max_margin")), _dict(detectors.get("neural_cleanse"))),
         _settings_section(verdict, detectors, settings or {}),
         _errors_section(_list(verdict.get("errors"))),
         "</main>",
@@ -162,7 +163,7 @@ def _pairs(rows: Sequence[tuple[str, object]]) -> str:
 def _banner(label: str, flagged: list[Any], detectors: Mapping[str, Any], title: str | None) -> str:
     css = _BANNER_CLASS.get(label, "unknown")
     reasons = []
-    for name in ("neural_cleanse", "spectral_signatures"):
+    for name in ("neural_cleanse", "spectral_signatures", "max_margin"):
         found = _list(_dict(detectors.get(name)).get("flagged_classes"))
         if found:
             reasons.append(f"{_e(name.replace('_', ' '))} flagged class {_classes(found)}")
@@ -238,6 +239,12 @@ def _settings_section(verdict: Mapping[str, Any], detectors: Mapping[str, Any], 
         ]
     if spectral.get("status") == "ok":
         rows.append(("spectral signatures threshold", spectral.get("threshold")))
+    max_margin = _dict(detectors.get("max_margin"))
+    if max_margin.get("status") == "ok":
+        rows += [
+            ("max margin significance", max_margin.get("significance")),
+            ("max margin starts x steps", f"{max_margin.get('starts')} x {max_margin.get('steps')}"),
+        ]
     rows += [(str(key), value) for key, value in settings.items()]
     rows += [
         (f"{name} duration (s)", _dict(result).get("duration_s"))
@@ -386,6 +393,52 @@ class _Page:
             reason = gradcam.get("reason") or gradcam.get("detail")
             parts.append(f'<p class="note">Grad-CAM {_fmt(gradcam.get("status"))}: {_fmt(reason)}</p>')
         parts.append("</article>")
+        return "".join(parts)
+
+    # --- maximum margin (data-free) ---
+
+    def max_margin(self, mm: Mapping[str, Any], nc: Mapping[str, Any]) -> str:
+        if mm.get("status") != "ok":
+            return ""
+        classes = [_dict(c) for c in _list(mm.get("classes"))]
+        null = _dict(mm.get("null"))
+        nc_classes = {c.get("class"): c for c in (_dict(x) for x in _list(nc.get("classes")))}
+        parts = [
+            '<section id="max-margin"><h2>Maximum margin (no data needed)</h2>',
+            f"<p>For every class, random images were optimised to maximise the class's logit over the largest other "
+            f"one. The largest class's margin is tested against a Gamma distribution fitted to the other classes "
+            f"(shape {_fmt(null.get('shape'))}, scale {_fmt(null.get('scale'))}); it is flagged when its p-value "
+            f"is below {_fmt(mm.get('significance'))}. Largest: class {_fmt(mm.get('largest_class'))}, p-value "
+            f"{_fmt(mm.get('p_value'))}.</p>",
+        ]
+        for entry in classes:
+            if entry.get("flagged") is not True:
+                continue
+            k = entry.get("class")
+            figures = [
+                "<figure>" + self.class_image(entry, "input", f"class {k} optimised input", "pixel")
+                + "<figcaption>optimised input (max margin)</figcaption></figure>"
+            ]  # fmt: skip
+            nc_entry = _dict(nc_classes.get(k))
+            if nc_entry.get("flagged") is True:
+                figures.append(
+                    "<figure>" + self.class_image(nc_entry, "pattern", f"class {k} Neural Cleanse pattern", "pixel")
+                    + "<figcaption>Neural Cleanse pattern</figcaption></figure>"
+                    + "<figure>" + self.class_image(nc_entry, "mask", f"class {k} Neural Cleanse mask", "pixel")
+                    + "<figcaption>Neural Cleanse mask</figcaption></figure>"
+                )  # fmt: skip
+            parts.append(
+                f'<article class="flagged" id="mm-class-{_e(k)}"><h3>Class {_fmt(k)}: max margin '
+                f"{_fmt(entry.get('max_margin'))}, p-value {_fmt(entry.get('p_value'))}</h3>" + "".join(figures)
+                + "</article>"
+            )  # fmt: skip
+        rows = [
+            ([_fmt(c.get("class")), _fmt(c.get("max_margin")), _fmt(c.get("p_value")), _fmt(c.get("flagged"))],
+             c.get("flagged") is True)
+            for c in classes
+        ]  # fmt: skip
+        parts.append(_table(["class", "max margin", "p-value", "flagged"], rows))
+        parts.append("</section>")
         return "".join(parts)
 
     # --- spectral signatures ---

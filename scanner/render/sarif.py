@@ -11,6 +11,7 @@ model file. Rules:
 ``BDS001``  backdoor target class: Neural Cleanse reversed an abnormally small trigger for the class
 ``BDS002``  poisoned training samples: spectral signatures split the class into two populations
 ``BDS003``  unsafe file content: a pickle global outside the allowlist, native code, an unsafe program
+``BDS004``  backdoor target class found without data: the class reaches an abnormally large logit margin
 ==========  ================================================================================
 
 Detector errors (a verdict that is ``inconclusive`` because a detector crashed) are tool execution
@@ -37,6 +38,7 @@ TOOL_NAME = "backdoor-scan"
 _NEURAL_CLEANSE = "BDS001"
 _SPECTRAL = "BDS002"
 _UNSAFE = "BDS003"
+_MAX_MARGIN = "BDS004"
 
 #: The rules of the tool driver, in ``ruleIndex`` order.
 RULES: tuple[dict[str, Any], ...] = (
@@ -92,12 +94,32 @@ RULES: tuple[dict[str, Any], ...] = (
         },
     },
 )
+RULES += (
+    {
+        "id": _MAX_MARGIN,
+        "name": "BackdoorTargetClassDataFree",
+        "shortDescription": {"text": "Backdoor target class (maximum margin, no data needed)"},
+        "fullDescription": {
+            "text": "Optimising inputs to favour each class, this class reached a logit margin over the others far"
+            " larger than any other class did (the maximum-margin statistic of MM-BD; its order-statistic p-value"
+            " under a Gamma null fitted to the other classes is below the significance): some input feature"
+            " overrides everything else and sends the model to this class, which is what a backdoor trigger does."
+        },
+        "help": {
+            "text": "Do not deploy this model. Look at the optimised input (the scan's artifacts) for a trigger, and"
+            " scan again with clean samples (data) so that Neural Cleanse recovers the trigger itself."
+        },
+        "defaultConfiguration": {"level": "error"},
+        "properties": {"tags": ["security", "backdoor", "data-free"], "security-severity": "9.0"},
+    },
+)
 _RULE_INDEX = {rule["id"]: index for index, rule in enumerate(RULES)}
 
 #: Per-class numbers copied into a result's ``properties``, by detector.
 _CLASS_NUMBERS = {
     "neural_cleanse": ("mask_l1", "anomaly_index", "anomaly_index_l1", "attack_success_rate", "steps"),
     "spectral_signatures": ("samples", "separation", "score", "estimated_poisoned_fraction", "suspicious_count"),
+    "max_margin": ("max_margin", "p_value"),
 }
 
 
@@ -205,6 +227,16 @@ def _spectral_message(entry: Mapping[str, Any], threshold: object) -> str:
     return text + "."
 
 
+def _mm_message(entry: Mapping[str, Any], threshold: object) -> str:
+    text = f"Class {entry.get('class')} looks like a backdoor target (found without data)"
+    if _number(entry.get("max_margin")) is not None:
+        text += f": inputs can be driven to a logit margin of {_fmt(entry['max_margin'])} over the other classes"
+    if _number(entry.get("p_value")) is not None:
+        text += f", p-value {_fmt(entry['p_value'], 3)}"
+        text += f" < significance {_fmt(threshold)}" if _number(threshold) is not None else ""
+    return text + "."
+
+
 def _unsafe_message(finding: Mapping[str, Any]) -> str:
     names = [str(name) for name in finding.get("globals") or ()]
     member = finding.get("member")
@@ -226,6 +258,8 @@ def _class_properties(detector_name: str, entry: Mapping[str, Any], detector: Ma
             properties[key] = entry[key]
     if _number(detector.get("threshold")) is not None:
         properties["threshold"] = detector["threshold"]
+    if _number(detector.get("significance")) is not None:
+        properties["significance"] = detector["significance"]
     if detector_name == "neural_cleanse" and detector.get("threshold_rule"):
         properties["threshold_rule"] = detector["threshold_rule"]
     return properties
@@ -290,13 +324,15 @@ def sarif_log(verdict: Mapping[str, Any], model_path: PurePath | str, *, base: P
     for detector_name, rule_id, message in (
         ("neural_cleanse", _NEURAL_CLEANSE, _nc_message),
         ("spectral_signatures", _SPECTRAL, _spectral_message),
+        ("max_margin", _MAX_MARGIN, _mm_message),
     ):
         detector = detectors.get(detector_name)
         if not isinstance(detector, Mapping) or detector.get("status") != "ok":
             continue
+        threshold = detector.get("significance" if detector_name == "max_margin" else "threshold")
         for entry in _flagged_entries(detector):
             properties = _class_properties(detector_name, entry, detector)
-            add(rule_id, message(entry, detector.get("threshold")), properties, entry.get("class"))
+            add(rule_id, message(entry, threshold), properties, entry.get("class"))
 
     artifact: dict[str, Any] = {"location": {"uri": uri}, "roles": ["analysisTarget"]}
     if isinstance(model.get("size_bytes"), int):

@@ -53,6 +53,9 @@ _FLAGGED_CLASS_LINES: dict[str, Callable[[Mapping[str, Any], object], str]] = {
     "spectral_signatures": lambda entry, threshold: (
         f"score {entry.get('score')} (threshold {threshold}), {entry.get('suspicious_count')} suspicious samples"
     ),
+    "max_margin": lambda entry, significance: (
+        f"max margin {entry.get('max_margin')}, p-value {entry.get('p_value')} (significance {significance})"
+    ),
 }
 
 
@@ -90,7 +93,8 @@ def render_text(verdict: Mapping[str, Any], model_name: str) -> str:
         flagged_line = _FLAGGED_CLASS_LINES.get(name)
         for entry in detector.get("classes") or ():
             if flagged_line is not None and isinstance(entry, Mapping) and entry.get("flagged"):
-                lines.append(f"    - class {entry.get('class')}: {flagged_line(entry, detector.get('threshold'))}")
+                limit = detector.get("significance" if name == "max_margin" else "threshold")
+                lines.append(f"    - class {entry.get('class')}: {flagged_line(entry, limit)}")
     return "\n".join(lines)
 
 

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from scanner.config import ModelOptions, NeuralCleanseConfig, ScanConfig
+from scanner.config import MaxMarginConfig, ModelOptions, NeuralCleanseConfig, ScanConfig
 from scanner.detectors import Detector, DetectorProgress, ScanInputs
 from scanner.errors import ScanCancelled
 from scanner.pipeline import scan
@@ -106,6 +106,34 @@ def test_scan_reports_the_clean_model_clean(clean_model: nn.Module, clean_traini
     assert verdict.flagged_classes == ()
 
 
+@pytest.mark.parametrize("backdoored", [True, False])
+def test_a_checkpoint_alone_gets_a_verdict(
+    model_file: Path, clean_model: nn.Module, badnets: BadNetsModel, tmp_path: Path, backdoored: bool
+) -> None:
+    """Issue 16: without data both data-driven detectors are skipped, and the data-free test decides."""
+    path = model_file
+    if not backdoored:
+        path = tmp_path / "clean.safetensors"
+        save_file(clean_model.state_dict(), str(path))
+    config = ScanConfig(model=ModelOptions(arch="mnist_cnn"), max_margin=MaxMarginConfig(steps=150))
+    verdict = scan(path, config, _CPU)
+    assert verdict.detectors["neural_cleanse"].reason == "no clean samples given (data)"
+    assert verdict.detectors["spectral_signatures"].status is DetectorStatus.SKIPPED
+    assert verdict.detectors["max_margin"].status is DetectorStatus.OK
+    if backdoored:
+        assert verdict.label is VerdictLabel.BACKDOORED
+        assert verdict.flagged_classes == (badnets.target,)
+    else:
+        assert verdict.label is VerdictLabel.CLEAN
+
+
+def test_without_data_and_without_the_data_free_test_nothing_decides(model_file: Path) -> None:
+    config = ScanConfig(model=ModelOptions(arch="mnist_cnn"), detectors=("neural_cleanse", "spectral_signatures"))
+    verdict = scan(model_file, config, _CPU)
+    assert verdict.detectors["max_margin"].reason == "not requested (detectors option)"
+    assert verdict.label is VerdictLabel.INCONCLUSIVE
+
+
 def _fake(name: str, share: float, run: Callable[[ScanInputs, DetectorProgress], DetectorResult]) -> Detector:
     return Detector(name, share, lambda inputs: None, run)
 
@@ -187,7 +215,7 @@ def test_progress_comes_every_few_seconds_in_every_phase(model_file: Path, large
     calls.append((time.monotonic(), "returned", ""))
 
     stages = {stage for _, stage, _ in calls}
-    assert {"model_file", "data", "neural_cleanse", "spectral_signatures", "done"} <= stages
+    assert {"model_file", "data", "neural_cleanse", "spectral_signatures", "max_margin", "done"} <= stages
     gaps = [(later[0] - earlier[0], f"{earlier[1]}: {earlier[2]}") for earlier, later in itertools.pairwise(calls)]
     longest = max(gaps)
     assert longest[0] < _MOST_SECONDS_WITHOUT_PROGRESS, f"{longest[0]:.1f} s after '{longest[1]}'"
@@ -198,7 +226,12 @@ def test_progress_comes_every_few_seconds_in_every_phase(model_file: Path, large
 
 @pytest.mark.parametrize(
     ("stage", "message"),
-    [("data", "samples"), ("neural_cleanse", "attack success"), ("spectral_signatures", "penultimate features")],
+    [
+        ("data", "samples"),
+        ("neural_cleanse", "attack success"),
+        ("spectral_signatures", "penultimate features"),
+        ("max_margin", "class margins"),
+    ],
 )
 def test_a_cancel_stops_the_scan_in_each_phase(model_file: Path, large_set: Path, stage: str, message: str) -> None:
     seen: list[str] = []
@@ -211,5 +244,7 @@ def test_a_cancel_stops_the_scan_in_each_phase(model_file: Path, large_set: Path
     with pytest.raises(ScanCancelled):
         scan(model_file, _config(), _CPU, data_path=large_set, training_data_path=large_set, progress=progress)
     assert seen[-1] == stage
-    if stage != "spectral_signatures":
+    if stage not in ("spectral_signatures", "max_margin"):
         assert "spectral_signatures" not in seen
+    if stage != "max_margin":
+        assert "max_margin" not in seen

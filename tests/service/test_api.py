@@ -276,9 +276,12 @@ def test_cancel_queued_scan_then_delete(
     assert_problem(client.get(f"/v1/scans/{scan_id}", headers=AUTH), 404, "scan_not_found")
 
 
-def test_inline_scan_without_data_is_inconclusive(make_client: Callable[..., TestClient], tiny_model: Path) -> None:
+def test_inline_scan_that_no_detector_can_decide_is_inconclusive(
+    make_client: Callable[..., TestClient], tiny_model: Path
+) -> None:
+    """No data and the data-free test not requested: only the file check ran."""
     client = make_client(inline=True)
-    response = post_scan(client, tiny_model, arch="mnist_cnn")
+    response = post_scan(client, tiny_model, arch="mnist_cnn", detectors="neural_cleanse,spectral_signatures")
     assert response.status_code == 202, response.text
     scan = client.get(response.headers["location"], headers=AUTH).json()
     assert scan["status"] == "succeeded", scan
@@ -286,6 +289,7 @@ def test_inline_scan_without_data_is_inconclusive(make_client: Callable[..., Tes
     assert scan["attempts"] == 1
     assert scan["result"]["detectors"]["model_file"]["status"] == "ok"
     assert scan["result"]["detectors"]["neural_cleanse"]["status"] == "skipped"
+    assert scan["result"]["detectors"]["max_margin"]["reason"] == "not requested (detectors option)"
     verdict = client.get(scan["result"]["artifacts"]["verdict.json"], headers=AUTH)
     assert verdict.status_code == 200
     assert verdict.json()["verdict"] == "inconclusive"

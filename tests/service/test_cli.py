@@ -59,8 +59,10 @@ def mnist_pt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_scan_pt2_without_data_is_inconclusive(mnist_pt2: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, verdict = scan_json([str(mnist_pt2)], capsys)
+def test_scan_pt2_that_no_detector_can_decide_is_inconclusive(
+    mnist_pt2: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, verdict = scan_json([str(mnist_pt2), "--detectors", "neural_cleanse,spectral_signatures"], capsys)
     assert code == 0
     assert verdict["verdict"] == "inconclusive"
     assert verdict["model"]["format"] == "pt2"
@@ -258,3 +260,17 @@ def test_scan_with_training_data_finds_the_poison(
     written = {p.name for p in artifacts.iterdir()}
     assert "verdict.json" in written
     assert any(name.startswith("spectral") for name in written), written
+
+
+def test_a_backdoored_checkpoint_alone_fails_the_gate(
+    service_files: dict[str, Path], badnets: BadNetsModel, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Issue 16: no data at all, and the data-free test finds the target."""
+    artifacts = tmp_path / "artifacts"
+    code, verdict = scan_json([str(service_files["badnets"]), "--artifacts", str(artifacts)], capsys)
+    assert code == 1
+    assert verdict["verdict"] == "backdoored"
+    assert verdict["flagged_classes"] == [badnets.target]
+    assert verdict["detectors"]["neural_cleanse"]["status"] == "skipped"
+    assert verdict["detectors"]["max_margin"]["flagged_classes"] == [badnets.target]
+    assert (artifacts / f"mm-class-{badnets.target}-input.png").read_bytes().startswith(b"\x89PNG")

@@ -201,10 +201,12 @@ def queued_messages(queue_url: str, tmp_path: Path) -> int:
 
 
 def tiny_scans(client: Any, service_files: dict[str, Path], seeds: range) -> list[str]:
-    """Quick scans (no data: the file check only); distinct seeds, so none is deduplicated."""
+    """Quick scans (no data and Neural Cleanse only: the file check only); distinct seeds, so none is deduplicated."""
     ids = []
     for seed in seeds:
-        response = submit(client, {"model": service_files["tiny"]}, arch="mnist_cnn", seed=str(seed))
+        response = submit(
+            client, {"model": service_files["tiny"]}, arch="mnist_cnn", seed=str(seed), detectors="neural_cleanse"
+        )
         assert response.status_code == 202, response.text
         ids.append(response.json()["id"])
     return ids

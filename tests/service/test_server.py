@@ -68,6 +68,33 @@ def test_backdoored_and_clean_models_get_the_right_verdicts(
         assert "bds_scan_duration_seconds_count 2.0" in metrics
 
 
+def test_a_backdoored_upload_without_data_gets_its_verdict(
+    make_server: Callable[..., Server], service_files: dict[str, Path], badnets: BadNetsModel
+) -> None:
+    """Issue 16: a pipeline that POSTs only its checkpoint gets ``backdoored`` with the right class."""
+    server = make_server()
+    server.start()
+    with server.client() as client:
+        response = submit(client, {"model": service_files["badnets"]})
+        assert response.status_code == 202, response.text
+        scan = wait_for(client, response.json()["id"])
+        assert scan["status"] == "succeeded", scan["error"]
+        assert scan["verdict"] == "backdoored"
+        assert scan["result"]["flagged_classes"] == [badnets.target]
+        detectors = scan["result"]["detectors"]
+        assert detectors["neural_cleanse"] == {"status": "skipped", "reason": "no clean samples given (data)"}
+        mm = detectors["max_margin"]
+        assert mm["flagged_classes"] == [badnets.target]
+        assert mm["p_value"] < mm["significance"]
+        target = mm["classes"][badnets.target]
+        png = client.get(target["artifacts"]["input_png"])
+        assert png.status_code == 200
+        assert png.content.startswith(b"\x89PNG")
+        report = client.get(scan["links"]["report"])
+        assert report.status_code == 200
+        assert f'id="mm-class-{badnets.target}"' in report.text
+
+
 def messages_in(log: Path) -> list[str]:
     """The messages of the JSON log lines in a log file."""
     found = []
@@ -88,7 +115,9 @@ def test_restart_mid_queue_loses_nothing(
     with server.client() as client:
         running = submit(client, {"model": service_files["badnets"], "data": service_files["data"]}).json()
         queued = [
-            submit(client, {"model": service_files["tiny"]}, arch="mnist_cnn", seed=str(seed)).json()
+            submit(
+                client, {"model": service_files["tiny"]}, arch="mnist_cnn", seed=str(seed), detectors="neural_cleanse"
+            ).json()
             for seed in range(3)
         ]
         wait_for(client, running["id"], until=("running",))
@@ -110,7 +139,7 @@ def test_restart_mid_queue_loses_nothing(
         finished = [wait_for(client, scan["id"]) for scan in [running, *queued]]
     assert [scan["status"] for scan in finished] == ["succeeded"] * 4, [scan["error"] for scan in finished]
     assert finished[0]["verdict"] == "backdoored"
-    assert [scan["verdict"] for scan in finished[1:]] == ["inconclusive"] * 3  # no data: only the file check
+    assert [scan["verdict"] for scan in finished[1:]] == ["inconclusive"] * 3  # no data, NC only: the file check
     assert finished[0]["attempts"] == 1  # an interrupted run is given back, not counted against the scan
 
 

@@ -167,7 +167,16 @@ def test_without_wait_prints_the_scan_and_inconclusive_gates_only_when_asked(
 ) -> None:
     server = make_server()
     server.start()
-    common = (str(service_files["tiny"]), "--arch", "mnist_cnn", "--server", server.url + "/")  # no data: quick
+    # no data and Neural Cleanse only: quick, and nothing can decide
+    common = (
+        str(service_files["tiny"]),
+        "--arch",
+        "mnist_cnn",
+        "--detectors",
+        "neural_cleanse",
+        "--server",
+        server.url + "/",
+    )
 
     code, out, err = run_submit(*common)
     assert code == 0, err

@@ -134,7 +134,9 @@ def test_completion_webhook_is_signed_and_retried(
     server = make_server(webhook_secret=SECRET, webhook_retry_delay_s="0.5")
     server.start()
     with server.client() as client:
-        scan = submit(client, {"model": service_files["tiny"]}, arch="mnist_cnn", callback_url=url).json()
+        scan = submit(
+            client, {"model": service_files["tiny"]}, arch="mnist_cnn", callback_url=url, detectors="neural_cleanse"
+        ).json()
         finished = wait_for(client, scan["id"])
         deadline = time.monotonic() + 60
         while len(received) < 2 and time.monotonic() < deadline:
