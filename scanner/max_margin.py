@@ -32,6 +32,13 @@ __all__ = ["MIN_CLASSES", "MaxMarginResult", "margins", "max_margin"]
 #: The null is fitted to the K - 1 non-maximal classes: fewer than 4 of them say too little about its shape.
 MIN_CLASSES = 5
 
+#: Input values optimised at once (with Adam's two moments and the best inputs: about 16 bytes each): 16M values
+#: keep a chunk near 256 MiB whatever the image size, so a 3 x 1024 x 1024 model runs a few images at a time.
+_MAX_VALUES_PER_CHUNK = 16 * 2**20
+#: The optimised inputs kept for the report: those of the classes with the largest margins (the flagged class is
+#: the largest). All of them would be ``K * C * H * W`` floats, unbounded for many classes of large images.
+KEPT_INPUTS = 16
+
 #: ``progress(fraction, message)`` with fraction in [0, 1] of the whole optimisation; may raise to cancel.
 StepProgress = Callable[[float, str], None]
 
@@ -46,7 +53,8 @@ class MaxMarginResult:
         largest_class: the class with the largest statistic.
         null: the fitted Gamma null.
         flagged_classes: ``[largest_class]`` when its p-value is below the significance, else empty.
-        inputs: ``(K, C, H, W)`` in [0, 1]: each class's input that reached its statistic.
+        inputs: class -> ``(C, H, W)`` in [0, 1], the input that reached its statistic, for the
+            :data:`KEPT_INPUTS` classes with the largest statistics.
         significance: the level the p-value was compared with.
         images_total: images sent through the model forward and backward.
         duration_s: wall time.
@@ -57,7 +65,7 @@ class MaxMarginResult:
     largest_class: int
     null: GammaFit
     flagged_classes: tuple[int, ...]
-    inputs: Tensor
+    inputs: dict[int, Tensor]
     significance: float
     images_total: int
     duration_s: float
@@ -149,7 +157,8 @@ def max_margin(
     was_training = model.training
     model.eval()
     generator = torch.Generator().manual_seed(seed)
-    per_chunk = config.classes_per_chunk()
+    numel = input_shape[0] * input_shape[1] * input_shape[2]
+    per_chunk = max(1, min(config.classes_per_chunk(), _MAX_VALUES_PER_CHUNK // (numel * config.starts)))
     chunks = [list(range(first, min(first + per_chunk, num_classes))) for first in range(0, num_classes, per_chunk)]
     total_steps = len(chunks) * config.steps
     done = 0
@@ -162,7 +171,7 @@ def max_margin(
             progress(done / total_steps, f"maximising class margins: step {done} of at most {total_steps}")
 
     statistics: list[Tensor] = []
-    inputs: list[Tensor] = []
+    inputs: dict[int, Tensor] = {}
     if progress is not None:
         progress(0.0, f"maximising class margins: {num_classes} classes x {config.starts} random starts")
     try:
@@ -172,7 +181,11 @@ def max_margin(
             images_total += (done - first) * len(chunk) * config.starts
             done = first + config.steps  # an early stop skips the rest of the chunk's share
             statistics.append(top)
-            inputs.append(best_inputs)
+            inputs.update(zip(chunk, best_inputs, strict=True))
+            if len(inputs) > KEPT_INPUTS:  # keep those of the largest statistics so far
+                so_far = torch.cat(statistics)
+                kept = sorted(inputs, key=lambda k: float(so_far[k]), reverse=True)[:KEPT_INPUTS]
+                inputs = {k: inputs[k] for k in kept}
     finally:
         model.train(was_training)
     values = torch.cat(statistics).double().numpy()
@@ -186,7 +199,7 @@ def max_margin(
         largest_class=largest,
         null=null,
         flagged_classes=flagged,
-        inputs=torch.cat(inputs),
+        inputs=inputs,
         significance=config.significance,
         images_total=images_total,
         duration_s=time.perf_counter() - started,

@@ -6,9 +6,10 @@ every scan by default, with or without data.
 Details: ``significance``, ``largest_class`` and its ``p_value``, the fitted ``null`` (Gamma ``shape`` and ``scale``),
 ``starts`` and ``steps`` of the optimisation, ``optimised_images`` (the work: images sent through the model forward
 and backward) and, per class, ``max_margin`` (logit units), ``p_value`` (``1 - F(max_margin) ** K`` under the null)
-and ``flagged``; a flagged class adds the optimised ``input`` that reached its margin as a PNG. Every class's input is
-an artifact (``mm-class-K-input.png``; flagged classes also ``.npy``). A run whose logits become non-finite, or whose
-classes leave no null to fit, reports the error ``undecidable`` (the verdict is then ``inconclusive``).
+and ``flagged``; a flagged class adds the optimised ``input`` that reached its margin as a PNG. The inputs of the 16
+classes with the largest margins are artifacts (``mm-class-K-input.png``; flagged classes also ``.npy``). A run whose
+logits become non-finite, or whose classes leave no null to fit, reports the error ``undecidable`` (the verdict is
+then ``inconclusive``).
 """
 
 from __future__ import annotations
@@ -60,10 +61,12 @@ def _run(inputs: ScanInputs, progress: DetectorProgress) -> DetectorResult:
             "p_value": significant(p_value),
             "flagged": flagged,
         }
-        names = {"input_png": f"{stem}-input.png"}
-        artifacts[f"{stem}-input.png"] = mask_png(result.inputs[label])
-        if flagged:
-            image = result.inputs[label]
+        names = {}
+        image = result.inputs.get(label)
+        if image is not None:
+            names["input_png"] = f"{stem}-input.png"
+            artifacts[f"{stem}-input.png"] = mask_png(image)
+        if flagged and image is not None:
             entry["input"] = {"shape": list(image.shape), "png_base64": png_base64(image)}
             names["input_npy"] = f"{stem}-input.npy"
             artifacts[f"{stem}-input.npy"] = npy_bytes(image)

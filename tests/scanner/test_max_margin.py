@@ -13,7 +13,7 @@ from torch import nn
 
 from scanner.config import MaxMarginConfig
 from scanner.errors import InvalidOptionError, ScanCancelled, UndecidableError
-from scanner.max_margin import margins, max_margin
+from scanner.max_margin import KEPT_INPUTS, margins, max_margin
 from scanner.stats import GammaFit, gamma_fit, largest_p_value
 from tests.factories import BadNetsModel
 
@@ -24,7 +24,7 @@ _CONFIG = MaxMarginConfig(steps=150)
 
 def test_margin_is_own_logit_minus_the_largest_other() -> None:
     logits = torch.tensor([[3.0, 1.0, 2.0], [0.0, 5.0, 4.5], [1.0, 1.0, -2.0]])
-    assert margins(logits, torch.tensor([0, 2, 1])).tolist() == pytest.approx([1.0, -1.0, 0.0])
+    assert margins(logits, torch.tensor([0, 2, 1])).tolist() == pytest.approx([1.0, -0.5, 0.0])
 
 
 def test_gamma_fit_recovers_known_parameters() -> None:
@@ -62,6 +62,7 @@ def test_backdoored_target_is_flagged(badnets: BadNetsModel) -> None:
     assert result.largest_class == badnets.target
     assert result.p_values[badnets.target] < _CONFIG.significance
     # the optimised input of the target is a valid image that the model sends to the target with a wide margin
+    assert set(result.inputs) == set(range(10))  # up to 16 classes keep their input
     image = result.inputs[badnets.target]
     assert image.shape == (1, 28, 28)
     assert float(image.min()) >= 0.0
@@ -137,3 +138,15 @@ def test_bad_options_are_refused(field: dict[str, float]) -> None:
 def test_too_few_classes_is_a_value_error(clean_model: nn.Module) -> None:
     with pytest.raises(ValueError, match="at least 5 classes"):
         max_margin(clean_model, 3, (1, 28, 28), _CONFIG, device=_CPU)
+
+
+def test_many_classes_keep_only_the_largest_classes_inputs() -> None:
+    """The report keeps the optimised inputs of the 16 largest margins, not K of them (unbounded memory)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 40)).eval()
+    config = MaxMarginConfig(steps=10, starts=2, max_images_per_forward=8)  # 4 classes per chunk: 10 chunks
+    result = max_margin(model, 40, (1, 4, 4), config, device=_CPU)
+    assert len(result.statistics) == 40
+    largest = sorted(range(40), key=lambda k: result.statistics[k], reverse=True)[:KEPT_INPUTS]
+    assert sorted(result.inputs) == sorted(largest)
+    assert result.largest_class in result.inputs
