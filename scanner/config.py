@@ -392,7 +392,7 @@ class MaxMarginConfig:
 class ScanConfig:
     """Everything one scan needs besides file paths and the device.
 
-    ``detectors`` names the backdoor detectors to run (default: all whose data is given); the others are
+    ``detectors`` names the backdoor detectors to run (default: all that can run); the others are
     reported as skipped. The ``model_file`` check always runs.
     """
 

@@ -55,7 +55,9 @@ class ScanOptions(BaseModel):
         default=None, min_length=1, max_length=16, description="per-channel std, e.g. 0.3081"
     )
     detectors: list[Literal["neural_cleanse", "spectral_signatures", "max_margin"]] | None = Field(
-        default=None, min_length=1, description="backdoor detectors to run (default: all whose data is given)"
+        default=None,
+        min_length=1,
+        description="backdoor detectors to run (default: all that can run; max_margin needs no data)",
     )
     seed: int = Field(default=0, ge=0, le=2**31 - 1, description="random seed")
     trust_code: bool = Field(default=False, description="load TorchScript (runs code; the server must allow it)")
