@@ -359,7 +359,9 @@ class MaxMarginConfig:
             after 150 steps were within 2% of those after 600.
         lr: Adam's initial learning rate, in [0, 1] pixel units.
         significance: the largest class is flagged when its order-statistic p-value is below this.
-        max_images_per_forward: inputs optimised together (classes per chunk = this // ``starts``).
+        max_images_per_forward: inputs optimised together (classes per chunk = this // ``starts``); a chunk stops
+            early on its own, and its activations for the backward pass scale with it (a resnet18 keeps megabytes per
+            3x32x32 image), so many-class models run in chunks of 32 classes.
     """
 
     starts: int = 8
@@ -368,7 +370,7 @@ class MaxMarginConfig:
     min_delta: float = 0.005
     lr: float = 0.05
     significance: float = 0.01
-    max_images_per_forward: int = 1024
+    max_images_per_forward: int = 256
 
     def __post_init__(self) -> None:
         checks = {
