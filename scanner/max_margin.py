@@ -39,6 +39,9 @@ _MAX_VALUES_PER_CHUNK = 16 * 2**20
 #: the largest). All of them would be ``K * C * H * W`` floats, unbounded for many classes of large images.
 KEPT_INPUTS = 16
 
+#: A class's optimisation counts as having moved its margin when it rose by this (relative) above the random starts'.
+_MOVED = 1e-3
+
 #: ``progress(fraction, message)`` with fraction in [0, 1] of the whole optimisation; may raise to cancel.
 StepProgress = Callable[[float, str], None]
 
@@ -86,9 +89,10 @@ def _optimise_chunk(
     device: torch.device,
     generator: torch.Generator,
     on_step: Callable[[], None],
-) -> tuple[Tensor, Tensor]:
-    """Ascend the margin of ``config.starts`` random inputs per class; return each class's best margin ``(n,)`` and
-    the input that reached it ``(n, C, H, W)``, both on the CPU."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Ascend the margin of ``config.starts`` random inputs per class; return each class's best margin ``(n,)``, the
+    input that reached it ``(n, C, H, W)`` and whether the optimisation raised it above the random starts' ``(n,)``,
+    all on the CPU."""
     starts = config.starts
     targets = torch.tensor(classes, device=device).repeat_interleave(starts)
     images = torch.rand((len(targets), *input_shape), generator=generator).to(device).requires_grad_(True)
@@ -123,7 +127,9 @@ def _optimise_chunk(
     per_start = best.view(len(classes), starts)
     top, which = per_start.max(dim=1)
     rows = torch.arange(len(classes), device=device) * starts + which
-    return top.cpu(), best_images[rows].cpu()
+    start = history[0]  # the random starts' margins (before any update)
+    moved = top > start + _MOVED * (1.0 + start.abs())
+    return top.cpu(), best_images[rows].cpu(), moved.cpu()
 
 
 def max_margin(
@@ -171,13 +177,17 @@ def max_margin(
             progress(done / total_steps, f"maximising class margins: step {done} of at most {total_steps}")
 
     statistics: list[Tensor] = []
+    moved: list[Tensor] = []
     inputs: dict[int, Tensor] = {}
     if progress is not None:
         progress(0.0, f"maximising class margins: {num_classes} classes x {config.starts} random starts")
     try:
         for chunk in chunks:
             first = done
-            top, best_inputs = _optimise_chunk(model, chunk, input_shape, config, device, generator, on_step)
+            top, best_inputs, chunk_moved = _optimise_chunk(
+                model, chunk, input_shape, config, device, generator, on_step
+            )
+            moved.append(chunk_moved)
             images_total += (done - first) * len(chunk) * config.starts
             done = first + config.steps  # an early stop skips the rest of the chunk's share
             statistics.append(top)
@@ -188,6 +198,14 @@ def max_margin(
                 inputs = {k: inputs[k] for k in kept}
     finally:
         model.train(was_training)
+    stuck = int((~torch.cat(moved)).sum())
+    if 2 * stuck > num_classes:
+        # zero or masked gradients (a model that quantises its input, say): the statistics are those of random images,
+        # which would make any model look clean
+        raise UndecidableError(
+            f"the margins of {stuck} of {num_classes} classes did not respond to optimising the input (zero or "
+            "masked gradients), so the maximum-margin statistic cannot be measured"
+        )
     values = torch.cat(statistics).double().numpy()
     largest = int(np.argmax(values))
     null = _fit_null(np.delete(values, largest))

@@ -118,6 +118,24 @@ def test_a_model_that_gives_no_statistic_is_undecidable(value: float) -> None:
         max_margin(_Constant(value), 10, (1, 8, 8), MaxMarginConfig(steps=5, starts=2), device=_CPU)
 
 
+class _Quantised(nn.Module):
+    """A hostile wrapper: the input rounded to 0/1 first, so the logits are piecewise constant (zero gradients)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.model(torch.round(images))
+        return logits
+
+
+def test_masked_gradients_are_undecidable_not_clean(badnets: BadNetsModel) -> None:
+    """Optimising cannot move a model without gradients: its statistics would be those of random images."""
+    with pytest.raises(UndecidableError, match="did not respond"):
+        max_margin(_Quantised(badnets.model), 10, (1, 28, 28), MaxMarginConfig(steps=40), device=_CPU)
+
+
 def test_progress_can_cancel(clean_model: nn.Module) -> None:
     def cancel(fraction: float, message: str) -> None:
         raise ScanCancelled("stop")
