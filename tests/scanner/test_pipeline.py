@@ -199,7 +199,9 @@ def test_a_crashing_detector_costs_only_its_own_entry(
 def _config() -> ScanConfig:
     # a short Neural Cleanse (it reports not_converged): the phases, not the verdict, are under test here
     return ScanConfig(
-        model=ModelOptions(arch="mnist_cnn"), neural_cleanse=NeuralCleanseConfig(max_steps=100, confirm_rounds=0)
+        model=ModelOptions(arch="mnist_cnn"),
+        neural_cleanse=NeuralCleanseConfig(max_steps=100, confirm_rounds=0),
+        max_margin=MaxMarginConfig(steps=40),
     )
 
 

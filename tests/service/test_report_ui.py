@@ -89,12 +89,15 @@ def test_report_of_a_backdoored_scan_renders_in_chromium(
             expect(page.locator("#verdict .verdict")).to_have_text("BACKDOORED")
             expect(page.locator(f"#nc-class-{badnets.target} h3")).to_contain_text(f"Class {badnets.target}")
             expect(page.locator(f"#spectral-class-{badnets.target} svg")).to_be_visible()
+            expect(page.locator(f"#mm-class-{badnets.target} h3")).to_contain_text(f"Class {badnets.target}")
             widths = page.eval_on_selector_all("img", "images => images.map(i => i.complete && i.naturalWidth)")
             page.screenshot(path=screenshot, full_page=True)
         finally:
             browser.close()
 
-    assert len(widths) == 2 + 2 + 2 * 10, widths  # flagged mask and pattern, two evidence strips, the gallery
+    # Neural Cleanse: flagged mask and pattern, two evidence strips, the gallery; max margin: the flagged class's
+    # optimised input beside Neural Cleanse's pattern and mask
+    assert len(widths) == 2 + 2 + 2 * 10 + 3, widths
     assert all(width and width > 0 for width in widths), widths
     assert requests == [server.url + report_url], requests
     assert not console_errors, console_errors

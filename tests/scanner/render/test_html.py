@@ -97,7 +97,9 @@ def test_report_is_self_contained(scanned: dict[str, Any]) -> None:
     assert not re.search(r"https?:", page), "no URL at all: nothing to fetch"
     assert "<script" not in page
     images = [attrs for tag, attrs in _tags(page) if tag == "img"]
-    assert len(images) == 2 + 2 + 2 * 10  # flagged mask and pattern, the two evidence strips, the gallery
+    # Neural Cleanse: flagged mask and pattern, the two evidence strips, the gallery; max margin: the flagged class's
+    # optimised input beside Neural Cleanse's pattern and mask
+    assert len(images) == 2 + 2 + 2 * 10 + 3
     for attrs in images:
         source = attrs["src"] or ""
         assert source.startswith("data:image/png;base64,"), source[:60]

@@ -147,7 +147,7 @@ def test_neural_cleanse_flagged_class() -> None:
     driver = run["tool"]["driver"]
     assert driver["name"] == "backdoor-scan"
     assert driver["version"] == "0.1.0"
-    assert [rule["id"] for rule in driver["rules"]] == ["BDS001", "BDS002", "BDS003"]
+    assert [rule["id"] for rule in driver["rules"]] == ["BDS001", "BDS002", "BDS003", "BDS004"]
     assert all(rule["shortDescription"]["text"] for rule in driver["rules"])
     (result,) = _results(log)
     assert result["ruleId"] == "BDS001"
@@ -296,7 +296,7 @@ def _uri(log: dict[str, Any]) -> str:
 
 
 def test_rules_are_stable() -> None:
-    assert [rule["id"] for rule in RULES] == ["BDS001", "BDS002", "BDS003"]
+    assert [rule["id"] for rule in RULES] == ["BDS001", "BDS002", "BDS003", "BDS004"]
     assert all(rule["defaultConfiguration"]["level"] == "error" for rule in RULES)
 
 
