@@ -8,13 +8,14 @@ stamps what it found, and the test attacks (:mod:`scanner.testing.attacks`) plan
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from scanner.classifier import predict
 
-__all__ = ["Trigger", "attack_success_rate"]
+__all__ = ["Stamps", "Trigger", "attack_success_rate"]
 
 
 @dataclass(frozen=True, eq=False)  # holds tensors: compare by identity
@@ -71,11 +72,17 @@ class Trigger:
         return (1 - mask) * images + mask * pattern
 
 
+class Stamps(Protocol):
+    """Anything that turns clean images into triggered ones (a :class:`Trigger`, a warp of the attack toolkit)."""
+
+    def stamp(self, images: torch.Tensor) -> torch.Tensor: ...
+
+
 def attack_success_rate(
     model: nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
-    trigger: Trigger,
+    trigger: Stamps,
     target: int,
     *,
     device: torch.device,
@@ -87,7 +94,7 @@ def attack_success_rate(
         model: classifier in eval mode, already on ``device``.
         images: clean float ``(N, C, H, W)`` in [0, 1].
         labels: int64 ``(N,)``; rows labelled ``target`` are left out.
-        trigger: the trigger to stamp.
+        trigger: the trigger to stamp (anything with a ``stamp`` method).
         target: the backdoor's target class.
         device: where the model runs.
         batch_size: images per forward pass.

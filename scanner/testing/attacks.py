@@ -24,8 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from scanner.classifier import predict
-from scanner.trigger import Trigger
+from scanner.trigger import Trigger, attack_success_rate
 
 __all__ = [
     "BadNetsRecipe",
@@ -270,6 +269,10 @@ class WarpTrigger:
         height, width, _ = self.grid.shape
         return height, width
 
+    def stamp(self, images: torch.Tensor) -> torch.Tensor:
+        """:meth:`apply`, under the name :func:`scanner.trigger.attack_success_rate` calls."""
+        return self.apply(images)
+
     def apply(self, images: torch.Tensor) -> torch.Tensor:
         """Warp images: bilinear resampling through :attr:`grid`, clamped to [0, 1].
 
@@ -443,12 +446,7 @@ def warp_attack_success_rate(
     Raises:
         ValueError: no image has a label other than ``target``, or the image size does not match the warp.
     """
-    keep = labels != target
-    if not bool(keep.any()):
-        raise ValueError(f"every image is labelled {target}; the attack success rate needs other classes")
-    warped = warp.apply(images[keep.to(images.device)])
-    predicted = predict(model, warped, device=device, batch_size=batch_size)
-    return (predicted == target).double().mean().item()
+    return attack_success_rate(model, images, labels, warp, target, device=device, batch_size=batch_size)
 
 
 @dataclass(frozen=True)
