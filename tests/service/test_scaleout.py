@@ -358,7 +358,7 @@ def test_kill_9_mid_scan_is_finished_by_the_other_worker(
         # a Neural Cleanse scan in one round (its classes converge after 150 to 250 steps): long enough to kill,
         # and it flags the BadNets trigger
         files = {"model": service_files["badnets"], "data": service_files["data"]}
-        scan = submit(client, files, nc_confirm_rounds="0").json()
+        scan = submit(client, files, nc_confirm_rounds="0", detectors="neural_cleanse").json()
         wait_for(client, scan["id"], until=("running",), timeout=60)
         running = job_store.get(scan["id"])
         assert running is not None

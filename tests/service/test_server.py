@@ -113,7 +113,12 @@ def test_restart_mid_queue_loses_nothing(
     server = make_server()
     server.start()
     with server.client() as client:
-        running = submit(client, {"model": service_files["badnets"], "data": service_files["data"]}).json()
+        running = submit(
+            client,
+            {"model": service_files["badnets"], "data": service_files["data"]},
+            detectors="neural_cleanse",
+            nc_confirm_rounds="0",
+        ).json()
         queued = [
             submit(
                 client, {"model": service_files["tiny"]}, arch="mnist_cnn", seed=str(seed), detectors="neural_cleanse"

@@ -208,7 +208,8 @@ def test_killed_worker_scan_is_requeued_and_finishes(
     server = make_server(heartbeat_timeout_s="3")
     server.start()
     with server.client() as client:
-        scan = submit(client, {"model": service_files["badnets"], "data": service_files["data"]}).json()
+        files = {"model": service_files["badnets"], "data": service_files["data"]}
+        scan = submit(client, files, detectors="neural_cleanse", nc_confirm_rounds="0").json()
         wait_for(client, scan["id"], until=("running",))
         engine = create_db_engine(f"sqlite:///{server.data_dir / 'data' / 'jobs.sqlite3'}")
         running = JobStore(engine).get(scan["id"])
