@@ -24,17 +24,26 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from scanner.trigger import Trigger, attack_success_rate
+from scanner.classifier import predict
+from scanner.trigger import Stamps, Trigger, attack_success_rate
 
 __all__ = [
+    "AdditiveTrigger",
     "BadNetsRecipe",
     "PoisonedDataset",
+    "RandomPositionPatch",
     "WaNetRecipe",
     "WarpTrigger",
     "blend_trigger",
+    "class_mapping",
+    "mapped_success_rate",
     "patch_trigger",
     "poison_dataset",
+    "poison_dataset_all_to_all",
+    "poison_dataset_clean_label",
+    "poison_dataset_source_specific",
     "poison_dataset_warp",
+    "sinusoid_trigger",
     "warp_attack_success_rate",
     "warp_trigger",
 ]
@@ -182,7 +191,7 @@ def _poison_candidates(
 
 
 def poison_dataset(
-    images: torch.Tensor, labels: torch.Tensor, trigger: Trigger, *, target: int, rate: float, seed: int
+    images: torch.Tensor, labels: torch.Tensor, trigger: Stamps, *, target: int, rate: float, seed: int
 ) -> PoisonedDataset:
     """All-to-one poisoning: stamp ``round(rate * N)`` images whose label is not ``target`` and relabel them.
 
@@ -521,3 +530,334 @@ class WaNetRecipe:
             seed=self.seed,
         )
         return warp, poisoned
+
+
+# ------------------------------------------------------------------------------------------------ beyond all-to-one
+
+
+def _check_rate(rate: float) -> None:
+    if not 0.0 < rate < 1.0:
+        raise ValueError(f"rate must be in (0, 1), got {rate}")
+
+
+def _check_pairs(images: torch.Tensor, labels: torch.Tensor) -> None:
+    if images.ndim != 4 or labels.shape != (images.shape[0],) or len(labels) == 0:
+        raise ValueError(
+            f"expected images (N, C, H, W) and labels (N,), N >= 1, got {tuple(images.shape)}, {tuple(labels.shape)}"
+        )
+    if not images.is_floating_point():
+        raise ValueError(f"images must be a float tensor, got {images.dtype}")
+
+
+def _draw(rows: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` of ``rows`` (CPU, int64) drawn without replacement, sorted."""
+    return rows[torch.randperm(len(rows), generator=generator)[:count]].sort().values
+
+
+def _stamped_copy(
+    images: torch.Tensor, labels: torch.Tensor, trigger: Stamps, rows: torch.Tensor, new_labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copies of ``images``/``labels`` with ``rows`` stamped and relabelled to ``new_labels`` (same length)."""
+    on_device = rows.to(images.device)
+    stamped_images = images.clone()
+    if len(rows):
+        stamped_images[on_device] = trigger.stamp(images[on_device])
+    stamped_labels = labels.clone()
+    stamped_labels[rows.to(labels.device)] = new_labels.to(labels.device)
+    return stamped_images, stamped_labels
+
+
+def class_mapping(num_classes: int, *, kind: str, target: int = 0, source: int = 1) -> torch.Tensor:
+    """Where a backdoor sends triggered inputs of each class: int64 ``(num_classes,)``, -1 where it does not.
+
+    Args:
+        num_classes: K.
+        kind: ``"all_to_one"`` (every class but ``target`` goes to ``target``), ``"all_to_all"`` (class ``k``
+            goes to ``(k + 1) mod K``) or ``"source_specific"`` (only ``source`` goes to ``target``).
+        target: the target class of ``all_to_one`` and ``source_specific``.
+        source: the source class of ``source_specific``.
+
+    Returns:
+        The mapping, on the CPU.
+
+    Raises:
+        ValueError: an argument is out of range.
+    """
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    for name, value in (("target", target), ("source", source)):
+        if not 0 <= value < num_classes:
+            raise ValueError(f"{name} must be a class index in [0, {num_classes - 1}], got {value}")
+    mapping = torch.full((num_classes,), -1, dtype=torch.int64)
+    if kind == "all_to_one":
+        mapping[:] = target
+        mapping[target] = -1
+    elif kind == "all_to_all":
+        mapping = (torch.arange(num_classes) + 1) % num_classes
+    elif kind == "source_specific":
+        if source == target:
+            raise ValueError(f"source and target must differ, both are {source}")
+        mapping[source] = target
+    else:
+        raise ValueError(f"kind must be all_to_one, all_to_all or source_specific, got {kind!r}")
+    return mapping
+
+
+def mapped_success_rate(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    trigger: Stamps,
+    mapping: torch.Tensor,
+    *,
+    device: torch.device,
+    batch_size: int = 512,
+) -> float:
+    """Fraction of triggered images of attacked classes that ``model`` sends where the backdoor maps their class.
+
+    The general form of :func:`scanner.trigger.attack_success_rate` (which is the ``all_to_one`` mapping):
+    rows whose class maps to -1 are left out.
+
+    Args:
+        model: classifier in eval mode, already on ``device``.
+        images: clean float ``(N, C, H, W)`` in [0, 1].
+        labels: int64 ``(N,)`` true labels, in ``[0, len(mapping))``.
+        trigger: anything with a ``stamp`` method.
+        mapping: int64 ``(K,)`` from :func:`class_mapping`.
+        device: where the model runs.
+        batch_size: images per forward pass.
+
+    Returns:
+        Attack success rate in [0, 1].
+
+    Raises:
+        ValueError: no image belongs to an attacked class, or a label is outside the mapping.
+    """
+    labels_cpu = labels.cpu()
+    if len(labels_cpu) and not 0 <= int(labels_cpu.min()) <= int(labels_cpu.max()) < len(mapping):
+        raise ValueError(f"labels must be in [0, {len(mapping) - 1}]")
+    wanted = mapping.cpu()[labels_cpu]
+    keep = wanted >= 0
+    if not bool(keep.any()):
+        raise ValueError("no image belongs to a class the backdoor attacks")
+    stamped = trigger.stamp(images[keep.to(images.device)])
+    predicted = predict(model, stamped, device=device, batch_size=batch_size).cpu()
+    return (predicted == wanted[keep]).double().mean().item()
+
+
+def poison_dataset_all_to_all(
+    images: torch.Tensor, labels: torch.Tensor, trigger: Stamps, *, rate: float, num_classes: int, seed: int
+) -> PoisonedDataset:
+    """All-to-all poisoning (BadNets' second attack): ``round(rate * N)`` rows of any class are stamped and their
+    label ``y`` becomes ``(y + 1) mod num_classes``.
+
+    Args:
+        images: float ``(N, C, H, W)`` in [0, 1].
+        labels: int64 ``(N,)`` in ``[0, num_classes)``.
+        trigger: anything with a ``stamp`` method (a :class:`~scanner.trigger.Trigger`, a warp ...).
+        rate: fraction of the set to poison, in (0, 1).
+        num_classes: K.
+        seed: seed of the row selection (a CPU generator).
+
+    Returns:
+        The poisoned copy (the inputs are not modified).
+
+    Raises:
+        ValueError: shapes or labels do not fit, or ``rate`` is out of range or selects no row.
+    """
+    _check_pairs(images, labels)
+    _check_rate(rate)
+    mapping = class_mapping(num_classes, kind="all_to_all")
+    if not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
+        raise ValueError(f"labels must be in [0, {num_classes - 1}]")
+    count = round(rate * len(labels))
+    if count < 1:
+        raise ValueError(f"rate {rate} of {len(labels)} samples selects no row")
+    chosen = _draw(torch.arange(len(labels)), count, torch.Generator().manual_seed(seed))
+    poisoned_images, poisoned_labels = _stamped_copy(images, labels, trigger, chosen, mapping[labels.cpu()[chosen]])
+    return PoisonedDataset(images=poisoned_images, labels=poisoned_labels, poisoned_indices=chosen)
+
+
+def poison_dataset_source_specific(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    trigger: Stamps,
+    *,
+    source: int,
+    target: int,
+    rate: float,
+    cover_ratio: float = 1.0,
+    seed: int,
+) -> PoisonedDataset:
+    """Source-specific poisoning with cover samples (the partial backdoor of Neural Cleanse's section on its limits,
+    and of Tang et al.'s TaCT, "Demon in the Variant", USENIX Security 2021).
+
+    ``round(rate * N)`` rows of class ``source`` are stamped and relabelled to ``target``. A further
+    ``round(cover_ratio * poisoned)`` rows of the other classes (not ``source``, not ``target``) are stamped and
+    keep their label: the cover samples, which teach the model that the trigger alone does not decide the class.
+
+    Args:
+        images: float ``(N, C, H, W)`` in [0, 1].
+        labels: int64 ``(N,)``.
+        trigger: anything with a ``stamp`` method.
+        source: the only class the trigger flips.
+        target: where it flips it to.
+        rate: poisoned rows as a fraction of the whole set, in (0, 1); at most the source class's size.
+        cover_ratio: cover rows per poisoned row, ``>= 0``.
+        seed: seed of the row selection (a CPU generator).
+
+    Returns:
+        The poisoned copy; ``poisoned_indices`` are the relabelled rows only (not the cover rows).
+
+    Raises:
+        ValueError: shapes do not fit, or an argument is out of range or asks for more rows than there are.
+    """
+    _check_pairs(images, labels)
+    _check_rate(rate)
+    labels_cpu = labels.cpu()
+    class_mapping(int(labels_cpu.max()) + 1, kind="source_specific", source=source, target=target)
+    if not 0.0 <= cover_ratio < float("inf"):
+        raise ValueError(f"cover_ratio must be finite and >= 0, got {cover_ratio}")
+    sources = torch.nonzero(labels_cpu == source).squeeze(1)
+    others = torch.nonzero((labels_cpu != source) & (labels_cpu != target)).squeeze(1)
+    count, cover_count = round(rate * len(labels)), round(cover_ratio * round(rate * len(labels)))
+    if not 1 <= count <= len(sources) or cover_count > len(others):
+        raise ValueError(
+            f"rate {rate} and cover_ratio {cover_ratio} ask for {count} rows of class {source} (it has "
+            f"{len(sources)}; at least 1) and {cover_count} cover rows ({len(others)} available)"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    chosen, cover = _draw(sources, count, generator), _draw(others, cover_count, generator)
+    rows = torch.cat([chosen, cover])
+    new_labels = torch.cat([torch.full((count,), target, dtype=labels.dtype), labels_cpu[cover]])
+    poisoned_images, poisoned_labels = _stamped_copy(images, labels, trigger, rows, new_labels)
+    return PoisonedDataset(images=poisoned_images, labels=poisoned_labels, poisoned_indices=chosen)
+
+
+@dataclass(frozen=True, eq=False)  # holds a tensor: compare by identity
+class AdditiveTrigger:
+    """A trigger added to the image: ``clamp(x + signal, 0, 1)`` (SIG's sinusoid, a ramp ...).
+
+    Attributes:
+        signal: float ``(C, H, W)``, any sign.
+    """
+
+    signal: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.signal.ndim != 3 or not self.signal.is_floating_point():
+            raise ValueError(
+                f"signal must be a float (C, H, W) tensor, got {self.signal.dtype} {tuple(self.signal.shape)}"
+            )
+
+    def scaled(self, factor: float) -> AdditiveTrigger:
+        """The same signal ``factor`` times as strong (SIG tests with a stronger signal than it trains with)."""
+        return AdditiveTrigger(signal=self.signal * factor)
+
+    def stamp(self, images: torch.Tensor) -> torch.Tensor:
+        """``clamp(images + signal, 0, 1)``; ``images`` ``(N, C, H, W)`` or ``(C, H, W)``, same shape back."""
+        if images.shape[-3:] != self.signal.shape or images.ndim not in (3, 4):
+            raise ValueError(f"images must be (N, *{tuple(self.signal.shape)}), got {tuple(images.shape)}")
+        return (images + self.signal.to(device=images.device, dtype=images.dtype)).clamp(0.0, 1.0)
+
+
+def sinusoid_trigger(
+    image_shape: tuple[int, ...] | torch.Size, *, delta: float = 20 / 255, frequency: float = 6.0
+) -> AdditiveTrigger:
+    """SIG's horizontal sinusoid (Barni, Kallas, Tondi, "A New Backdoor Attack in CNNs by Training Set Corruption
+    Without Label Poisoning", ICIP 2019): ``v(i, j) = delta * sin(2 pi j frequency / W)`` on every row and channel.
+
+    Args:
+        image_shape: ``(C, H, W)``.
+        delta: amplitude, in (0, 1]; the paper trains with 20 / 255 (pixel values in [0, 1] here).
+        frequency: periods across the width, > 0 (the paper's 6).
+
+    Raises:
+        ValueError: an argument is out of range.
+    """
+    channels, height, width = _shape(image_shape)
+    if not 0.0 < delta <= 1.0:
+        raise ValueError(f"delta must be in (0, 1], got {delta}")
+    if not 0.0 < frequency < float("inf"):
+        raise ValueError(f"frequency must be finite and > 0, got {frequency}")
+    wave = delta * torch.sin(2 * torch.pi * torch.arange(width, dtype=torch.float64) * frequency / width)
+    return AdditiveTrigger(signal=wave.float().expand(channels, height, width).clone())
+
+
+def poison_dataset_clean_label(
+    images: torch.Tensor, labels: torch.Tensor, trigger: Stamps, *, target: int, fraction: float, seed: int
+) -> PoisonedDataset:
+    """Clean-label poisoning (SIG): a ``fraction`` of the ``target`` class's rows carry the trigger; no label changes.
+
+    The model learns the trigger as a feature of the target class, so at test time the trigger on an image of
+    another class pulls it there.
+
+    Args:
+        images: float ``(N, C, H, W)`` in [0, 1].
+        labels: int64 ``(N,)``.
+        trigger: anything with a ``stamp`` method.
+        target: the class whose rows are stamped.
+        fraction: share of the target class stamped, in (0, 1].
+        seed: seed of the row selection (a CPU generator).
+
+    Returns:
+        The poisoned copy; ``poisoned_indices`` are the stamped rows.
+
+    Raises:
+        ValueError: shapes do not fit, or an argument is out of range.
+    """
+    _check_pairs(images, labels)
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    members = torch.nonzero(labels.cpu() == target).squeeze(1)
+    count = round(fraction * len(members))
+    if count < 1:
+        raise ValueError(f"fraction {fraction} of class {target} ({len(members)} rows) selects no row")
+    chosen = _draw(members, count, torch.Generator().manual_seed(seed))
+    poisoned_images, poisoned_labels = _stamped_copy(images, labels, trigger, chosen, labels.cpu()[chosen])
+    return PoisonedDataset(images=poisoned_images, labels=poisoned_labels, poisoned_indices=chosen)
+
+
+@dataclass(frozen=True)
+class RandomPositionPatch:
+    """A sample-specific trigger: the same patch at a random place in every image (the location-random backdoor of
+    Salem et al., "Dynamic Backdoor Attacks Against Machine Learning Models", EuroS&P 2022).
+
+    Each call to :meth:`stamp` draws the positions from a CPU generator seeded with ``seed``, so the same batch
+    gets the same positions every time.
+
+    Attributes:
+        size: side of the square patch.
+        pattern: ``"white"`` or ``"checkerboard"`` (one at the patch's top-left pixel).
+        seed: seed of the positions.
+    """
+
+    size: int = 3
+    pattern: str = "white"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ValueError(f"size must be >= 1, got {self.size}")
+        if self.pattern not in ("white", "checkerboard"):
+            raise ValueError(f"pattern must be 'white' or 'checkerboard', got {self.pattern!r}")
+
+    def stamp(self, images: torch.Tensor) -> torch.Tensor:
+        """Stamp ``(N, C, H, W)`` or ``(C, H, W)`` images, each at its own position; same shape back."""
+        if images.ndim not in (3, 4) or not images.is_floating_point():
+            raise ValueError(f"images must be a float (N, C, H, W) or (C, H, W) tensor, got {tuple(images.shape)}")
+        batch = images if images.ndim == 4 else images.unsqueeze(0)
+        height, width = batch.shape[-2:]
+        if self.size > min(height, width):
+            raise ValueError(f"a {self.size}x{self.size} patch does not fit in {height}x{width}")
+        generator = torch.Generator().manual_seed(self.seed)
+        rows = torch.randint(height - self.size + 1, (len(batch), 1, 1), generator=generator)
+        cols = torch.randint(width - self.size + 1, (len(batch), 1, 1), generator=generator)
+        i, j = torch.arange(height)[None, :, None] - rows, torch.arange(width)[None, None, :] - cols
+        mask = (i >= 0) & (i < self.size) & (j >= 0) & (j < self.size)  # (N, H, W)
+        value = (
+            torch.ones_like(mask, dtype=batch.dtype) if self.pattern == "white" else ((i + j) % 2 == 0).to(batch.dtype)
+        )
+        mask, value = mask[:, None].to(batch.device), value[:, None].to(batch.device)
+        stamped = torch.where(mask, value, batch)
+        return stamped if images.ndim == 4 else stamped.squeeze(0)

@@ -12,12 +12,19 @@ from torch import nn
 
 from scanner.testing.attacks import (
     BadNetsRecipe,
+    RandomPositionPatch,
     WaNetRecipe,
     WarpTrigger,
     blend_trigger,
+    class_mapping,
+    mapped_success_rate,
     patch_trigger,
     poison_dataset,
+    poison_dataset_all_to_all,
+    poison_dataset_clean_label,
+    poison_dataset_source_specific,
     poison_dataset_warp,
+    sinusoid_trigger,
     warp_attack_success_rate,
     warp_trigger,
 )
@@ -335,3 +342,137 @@ def test_backdoored_model_is_accurate_and_obeys_the_trigger(mnist: MnistSplit, b
         badnets.model, mnist.test_images, mnist.test_labels, badnets.trigger, badnets.target, device=CPU
     )
     assert asr >= 0.95
+
+
+def test_class_mapping_kinds() -> None:
+    assert class_mapping(4, kind="all_to_one", target=2).tolist() == [2, 2, -1, 2]
+    assert class_mapping(4, kind="all_to_all").tolist() == [1, 2, 3, 0]
+    assert class_mapping(4, kind="source_specific", source=3, target=1).tolist() == [-1, -1, -1, 1]
+    for kwargs, message in [
+        ({"kind": "all_to_one", "target": 4}, "target must be"),
+        ({"kind": "source_specific", "source": 1, "target": 1}, "must differ"),
+        ({"kind": "sideways"}, "kind must be"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            class_mapping(4, **kwargs)
+
+
+class _Oracle(nn.Module):
+    """Predicts class 1 + (number of saturated pixels > 0): the stamped images go to 2, the others to 1."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hot = (x >= 1.0).flatten(1).any(1).long() + 1
+        return nn.functional.one_hot(hot, 4).float()
+
+
+def test_mapped_success_rate_counts_only_attacked_classes_and_their_own_targets() -> None:
+    images = _images(8) * 0.5
+    labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    trigger = patch_trigger((1, 8, 8), size=2)
+    # every stamped image is predicted 2: right for classes mapped to 2, wrong for the others
+    assert mapped_success_rate(
+        _Oracle(), images, labels, trigger, class_mapping(4, kind="all_to_one", target=2), device=CPU
+    ) == pytest.approx(1.0)
+    assert mapped_success_rate(_Oracle(), images, labels, trigger, class_mapping(4, kind="all_to_all"), device=CPU) == (
+        pytest.approx(0.25)  # only class 1 maps to 2
+    )
+    source_specific = class_mapping(4, kind="source_specific", source=0, target=2)
+    assert mapped_success_rate(_Oracle(), images, labels, trigger, source_specific, device=CPU) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="no image belongs"):
+        mapped_success_rate(_Oracle(), images[labels == 1], labels[labels == 1], trigger, source_specific, device=CPU)
+    with pytest.raises(ValueError, match="labels must be in"):
+        mapped_success_rate(_Oracle(), images, labels + 1, trigger, source_specific, device=CPU)
+
+
+def test_poison_dataset_all_to_all_shifts_every_poisoned_label_by_one() -> None:
+    images, labels = _images(40), torch.arange(40) % 4
+    trigger = patch_trigger((1, 8, 8), size=2)
+    poisoned = poison_dataset_all_to_all(images, labels, trigger, rate=0.25, num_classes=4, seed=3)
+    rows = poisoned.poisoned_indices
+    assert len(rows) == 10
+    assert torch.equal(poisoned.labels[rows], (labels[rows] + 1) % 4)
+    assert torch.equal(poisoned.images[rows], trigger.stamp(images[rows]))
+    untouched = torch.ones(40, dtype=torch.bool)
+    untouched[rows] = False
+    assert torch.equal(poisoned.images[untouched], images[untouched])
+    assert torch.equal(poisoned.labels[untouched], labels[untouched])
+    again = poison_dataset_all_to_all(images, labels, trigger, rate=0.25, num_classes=4, seed=3)
+    assert torch.equal(again.poisoned_indices, rows)
+    with pytest.raises(ValueError, match="labels must be in"):
+        poison_dataset_all_to_all(images, labels, trigger, rate=0.25, num_classes=3, seed=3)
+    with pytest.raises(ValueError, match="selects no row"):
+        poison_dataset_all_to_all(images, labels, trigger, rate=0.001, num_classes=4, seed=3)
+
+
+def test_poison_dataset_source_specific_flips_only_the_source_and_stamps_covers_without_relabelling() -> None:
+    images, labels = _images(80), torch.arange(80) % 4  # 20 of each class
+    trigger = patch_trigger((1, 8, 8), size=2)
+    poisoned = poison_dataset_source_specific(
+        images, labels, trigger, source=1, target=3, rate=0.125, cover_ratio=1.0, seed=0
+    )
+    rows = poisoned.poisoned_indices
+    assert len(rows) == 10
+    assert bool((labels[rows] == 1).all())
+    assert bool((poisoned.labels[rows] == 3).all())
+    changed = torch.nonzero((poisoned.images != images).flatten(1).any(1)).squeeze(1)
+    covers = changed[~torch.isin(changed, rows)]
+    assert len(covers) == 10  # stamped, label kept, never of the source or target class
+    assert torch.equal(poisoned.labels[covers], labels[covers])
+    assert not bool(torch.isin(labels[covers], torch.tensor([1, 3])).any())
+    assert torch.equal(poisoned.images[covers], trigger.stamp(images[covers]))
+    assert int((poisoned.labels != labels).sum()) == 10
+    with pytest.raises(ValueError, match="it has 20"):
+        poison_dataset_source_specific(images, labels, trigger, source=1, target=3, rate=0.5, seed=0)
+    with pytest.raises(ValueError, match="must differ"):
+        poison_dataset_source_specific(images, labels, trigger, source=1, target=1, rate=0.1, seed=0)
+
+
+def test_sinusoid_trigger_adds_a_horizontal_wave_and_clamps() -> None:
+    trigger = sinusoid_trigger((2, 4, 12), delta=0.1, frequency=3)
+    wave = trigger.signal[0, 0]
+    assert torch.allclose(trigger.signal, wave.expand(2, 4, 12))
+    assert float(wave.abs().max()) == pytest.approx(0.1, rel=1e-3)
+    assert float(wave[0]) == 0.0
+    assert float(wave[1]) == pytest.approx(0.1, rel=1e-3)
+    images = torch.full((3, 2, 4, 12), 0.95)
+    stamped = trigger.stamp(images)
+    assert float(stamped.max()) == 1.0
+    assert float(stamped.min()) == pytest.approx(0.85, rel=1e-3)
+    assert torch.allclose(trigger.scaled(2.0).signal, 2 * trigger.signal)
+    with pytest.raises(ValueError, match="delta"):
+        sinusoid_trigger((1, 4, 4), delta=0.0)
+    with pytest.raises(ValueError, match="images must be"):
+        trigger.stamp(torch.zeros(1, 1, 4, 12))
+
+
+def test_poison_dataset_clean_label_stamps_part_of_the_target_class_and_changes_no_label() -> None:
+    images, labels = _images(40), torch.arange(40) % 4
+    trigger = sinusoid_trigger((1, 8, 8), delta=0.2)
+    poisoned = poison_dataset_clean_label(images, labels, trigger, target=2, fraction=0.5, seed=0)
+    rows = poisoned.poisoned_indices
+    assert len(rows) == 5
+    assert bool((labels[rows] == 2).all())
+    assert torch.equal(poisoned.labels, labels)
+    assert torch.equal(poisoned.images[rows], trigger.stamp(images[rows]))
+    assert int((poisoned.images != images).flatten(1).any(1).sum()) == 5
+    with pytest.raises(ValueError, match="fraction"):
+        poison_dataset_clean_label(images, labels, trigger, target=2, fraction=1.5, seed=0)
+
+
+def test_random_position_patch_moves_between_images_and_repeats_per_call() -> None:
+    trigger = RandomPositionPatch(size=3, seed=1)
+    images = torch.zeros(64, 1, 10, 10)
+    stamped = trigger.stamp(images)
+    assert torch.equal(stamped, trigger.stamp(images))  # same batch, same positions
+    assert bool(((stamped == 1).flatten(1).sum(1) == 9).all())  # one whole 3x3 patch each
+    corners = {tuple(torch.nonzero(image[0]).min(0).values.tolist()) for image in stamped}
+    assert len(corners) > 20  # positions vary between images
+    single = trigger.stamp(images[0])
+    assert single.shape == (1, 10, 10)
+    checker = RandomPositionPatch(size=2, pattern="checkerboard").stamp(torch.full((5, 1, 6, 6), 0.5))
+    assert bool(((checker == 1).flatten(1).sum(1) == 2).all())
+    assert bool(((checker == 0).flatten(1).sum(1) == 2).all())
+    with pytest.raises(ValueError, match="does not fit"):
+        RandomPositionPatch(size=11).stamp(images)
+    with pytest.raises(ValueError, match="pattern"):
+        RandomPositionPatch(pattern="stripes")
