@@ -15,10 +15,10 @@ import pytest
 import torch
 from torch import nn
 
-from scanner.testing.attacks import BadNetsRecipe
+from scanner.testing.attacks import BadNetsRecipe, patch_trigger, poison_dataset_source_specific
 from scanner.testing.mnist import MnistSplit, load_mnist_split
 from scanner.testing.training import train_mnist_cnn
-from tests.factories import BadNetsModel, trained_mnist_cnn
+from tests.factories import SOURCE_CLASS, BadNetsModel, trained_mnist_cnn
 
 _CPU = torch.device("cpu")
 
@@ -72,3 +72,24 @@ def badnets(mnist: MnistSplit, model_cache_dir: Path) -> BadNetsModel:
 def backdoored_model(badnets: BadNetsModel) -> nn.Module:
     """The BadNets-backdoored ``mnist_cnn`` of :func:`badnets` (eval mode, CPU)."""
     return badnets.model
+
+
+@pytest.fixture(scope="session")
+def source_specific(mnist: MnistSplit, model_cache_dir: Path) -> BadNetsModel:
+    """``mnist_cnn`` with a source-specific backdoor: a 4x4 white patch (bottom right) sends only class 3 to 7.
+
+    5% of the training set (half of class 3) is stamped and relabelled 7, and as many cover samples (stamped images of
+    the other classes, true label kept) teach the model that the patch alone does not decide. ``poisoned_indices`` are
+    the relabelled rows; ``target`` is 7 (source :data:`SOURCE_CLASS`).
+    """
+    trigger = patch_trigger((1, 28, 28), size=4, position="bottom_right")
+    poisoned = poison_dataset_source_specific(
+        mnist.train_images, mnist.train_labels, trigger, source=SOURCE_CLASS, target=7, rate=0.05, seed=0
+    )
+    model = trained_mnist_cnn(
+        model_cache_dir,
+        "source-specific",
+        "patch 4x4 bottom_right, source 3, target 7, rate 0.05, cover_ratio 1, seed 0; train_mnist_cnn(defaults)",
+        lambda: train_mnist_cnn(poisoned.images, poisoned.labels, device=_CPU),
+    )
+    return BadNetsModel(model=model, trigger=trigger, target=7, poisoned=poisoned)

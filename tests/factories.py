@@ -64,6 +64,10 @@ _RECIPE_SOURCES = (
 )
 
 
+#: The source-specific backdoor of the ``source_specific`` fixture flips only this class (to 7).
+SOURCE_CLASS = 3
+
+
 @dataclass(frozen=True, eq=False)  # holds tensors: compare by identity
 class BadNetsModel:
     """A model trained on a BadNets-poisoned set, with everything needed to check the backdoor.

@@ -1,12 +1,17 @@
 """The ``spectral_signatures`` detector: :func:`scanner.spectral.detect_poisoned_samples` on the uploaded training data.
 
-Details (JSON): ``threshold``, ``estimated_poisoned_samples`` and, per analysed class, ``class``,
-``samples``, ``separation``, ``score``, ``flagged``; flagged classes add
+Details (JSON): ``threshold``, ``min_persistence_gap``, ``estimated_poisoned_samples`` and, per analysed class,
+``class``, ``samples``, ``separation``, ``score``, ``flagged``; a class over the threshold that the side test did not
+confirm adds ``unconfirmed: true`` and its ``trigger_persistence``; flagged classes add
 ``estimated_poisoned_fraction``, ``suspicious_count``, ``trigger_persistence`` and up to
 ``max_listed`` ``suspicious`` samples (``index`` into the training data, ``score``, ``path`` for
 ImageFolder uploads), most suspicious first. The artifact ``spectral-suspicious.json`` lists all;
 ``spectral-scores.json`` holds, per flagged class, every sample's ``poison_score`` (0 at the other component's
 mean, 1 at the suspected one's) and whether it is ``suspicious``, in the class's order (for histograms).
+
+When classes are over the threshold but none is confirmed (the cover samples of a source-specific backdoor, a class
+that is naturally two clusters), the detector cannot decide: it reports the error ``undecidable`` with those classes
+and their persistence, so the verdict is never ``clean`` on its word.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any
 import torch
 
 from scanner.detectors.base import Detector, DetectorProgress, ScanInputs
+from scanner.errors import UndecidableError
 from scanner.spectral import MIN_CLASS_SAMPLES, MIN_CLASSES, ClassSplit, detect_poisoned_samples
 from scanner.verdict import DetectorResult, DetectorStatus
 
@@ -52,6 +58,8 @@ def _run(inputs: ScanInputs, progress: DetectorProgress) -> DetectorResult:
         seed=inputs.config.seed,
         progress=progress,
     )
+    if result.unconfirmed_classes and not result.flagged_classes:
+        raise UndecidableError(_undecided(result.unconfirmed_classes, result.persistence, config.min_persistence_gap))
     classes: list[dict[str, Any]] = []
     complete: dict[str, list[dict[str, Any]]] = {}
     scores: dict[str, dict[str, list[Any]]] = {}
@@ -63,6 +71,10 @@ def _run(inputs: ScanInputs, progress: DetectorProgress) -> DetectorResult:
             "score": round(split.score, 4) if math.isfinite(split.score) else None,
             "flagged": split.flagged,
         }
+        if split.unconfirmed:
+            suspected, other = result.persistence[split.label]
+            entry["unconfirmed"] = True
+            entry["trigger_persistence"] = {"suspicious": round(suspected, 4), "rest": round(other, 4)}
         if split.flagged:
             listed = _suspicious_samples(split, training.paths)
             suspected, other = result.persistence.get(split.label, (math.nan, math.nan))
@@ -83,6 +95,7 @@ def _run(inputs: ScanInputs, progress: DetectorProgress) -> DetectorResult:
         flagged_classes=result.flagged_classes,
         details={
             "threshold": result.threshold,
+            "min_persistence_gap": config.min_persistence_gap,
             "estimated_poisoned_samples": sum(len(v) for v in complete.values()),
             "classes": classes,
             "artifacts": {"suspicious_json": _ARTIFACT_NAME, "scores_json": _SCORES_NAME},
@@ -92,6 +105,16 @@ def _run(inputs: ScanInputs, progress: DetectorProgress) -> DetectorResult:
             _ARTIFACT_NAME: artifact,
             _SCORES_NAME: json.dumps({"classes": scores}, separators=(",", ":")).encode(),
         },
+    )
+
+
+def _undecided(labels: tuple[int, ...], persistence: dict[int, tuple[float, float]], gap: float) -> str:
+    parts = ", ".join(f"{k} ({persistence[k][0]:.2f} vs {persistence[k][1]:.2f})" for k in labels)
+    return (
+        f"class{'es' if len(labels) > 1 else ''} {parts} split into two sub-populations, but the suspected members do "
+        f"not keep their class under blending more than the rest (a gap under {gap:g}): the split is not a trigger "
+        "of that class (the cover samples of a source-specific backdoor, or a class that is naturally two clusters), "
+        "so spectral signatures cannot decide"
     )
 
 

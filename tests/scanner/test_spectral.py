@@ -16,10 +16,10 @@ from scanner.spectral import (
     detect_poisoned_samples,
     trigger_persistence,
 )
-from scanner.testing.attacks import BadNetsRecipe
+from scanner.testing.attacks import BadNetsRecipe, class_mapping, mapped_success_rate
 from scanner.testing.mnist import MnistSplit
 from scanner.testing.training import train_mnist_cnn
-from tests.factories import BadNetsModel, one_intraop_thread
+from tests.factories import SOURCE_CLASS, BadNetsModel, one_intraop_thread
 
 CPU = torch.device("cpu")
 TARGET = 3
@@ -205,3 +205,35 @@ def test_one_percent_badnets_poisoning_is_found(mnist: MnistSplit) -> None:
     assert int((target.suspicious & truth).sum()) >= 0.9 * int(truth.sum())
     assert auroc(target.poison_score, truth) >= 0.95
     assert np.isclose(target.poisoned_fraction, float(truth.double().mean()), atol=0.03)
+
+
+def test_cover_samples_of_a_source_specific_backdoor_are_not_flagged_as_targets(
+    mnist: MnistSplit, source_specific: BadNetsModel
+) -> None:
+    """The cover samples (stamped, true label kept) split their classes as a real poison does; without the side test's
+    confirmation such a class was flagged, a wrong class. Their members do not keep the class under blending more
+    than the rest, so the class is unconfirmed, not flagged."""
+    model, poisoned = source_specific.model, source_specific.poisoned
+    mapping = class_mapping(10, kind="source_specific", source=SOURCE_CLASS, target=source_specific.target)
+    asr = mapped_success_rate(model, mnist.test_images, mnist.test_labels, source_specific.trigger, mapping, device=CPU)
+    assert asr >= 0.9
+
+    unchecked = detect_poisoned_samples(
+        model, poisoned.images, poisoned.labels, config=SpectralConfig(min_persistence_gap=0.0), device=CPU
+    )
+    wrong = set(unchecked.flagged_classes) - {source_specific.target}
+    assert wrong, "the split alone flags a class the backdoor does not map to"
+
+    report = detect_poisoned_samples(model, poisoned.images, poisoned.labels, device=CPU)
+    assert set(report.flagged_classes) <= {source_specific.target}
+    assert wrong <= set(report.unconfirmed_classes)
+    for label in report.unconfirmed_classes:
+        suspected, rest = report.persistence[label]
+        assert suspected - rest < SpectralConfig().min_persistence_gap
+    assert not set(report.flagged_classes) & set(report.unconfirmed_classes)
+
+
+def test_a_real_target_is_confirmed_by_the_side_test(badnets: BadNetsModel, badnets_report: SpectralReport) -> None:
+    suspected, rest = badnets_report.persistence[badnets.target]
+    assert suspected - rest >= SpectralConfig().min_persistence_gap
+    assert badnets_report.unconfirmed_classes == ()

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from torch import nn
 
 from scanner.config import ScanConfig, SpectralConfig
 from scanner.detectors import ScanInputs
 from scanner.detectors.spectral import SPECTRAL_SIGNATURES
+from scanner.errors import UndecidableError
 from scanner.loading import Samples
+from scanner.pipeline import run_detector
 from scanner.testing.mnist import MnistSplit
-from scanner.verdict import DetectorResult, DetectorStatus
+from scanner.verdict import DetectorResult, DetectorStatus, ModelInfo, ScannerInfo, Verdict, VerdictLabel
 from tests.factories import BadNetsModel
 
 CPU = torch.device("cpu")
@@ -92,3 +95,28 @@ def test_detector_needs_three_classes_with_enough_samples(clean_model: nn.Module
     reason = SPECTRAL_SIGNATURES.needs(_inputs(clean_model, training))
     assert reason is not None
     assert "at least 3 classes" in reason
+
+
+def test_unconfirmed_splits_alone_make_the_detector_undecidable_not_clean(source_specific: BadNetsModel) -> None:
+    """The source-specific model: classes split by their cover samples, none confirmed by the side test. The detector
+    neither flags a wrong class nor says clean: it reports ``undecidable`` and names the classes."""
+    training = Samples(images=source_specific.poisoned.images, labels=source_specific.poisoned.labels)
+    with pytest.raises(UndecidableError) as raised:
+        _run(_inputs(source_specific.model, training))
+    assert "source-specific" in raised.value.detail
+    assert raised.value.code == "undecidable"
+
+    # through the pipeline's runner it is the detector's error: with another detector clean, the verdict is not clean
+    result = run_detector(SPECTRAL_SIGNATURES, _inputs(source_specific.model, training), lambda f, m: None)
+    assert result.status is DetectorStatus.ERROR
+    assert result.code == "undecidable"
+    verdict = Verdict(
+        detectors={"spectral_signatures": result, "max_margin": DetectorResult(status=DetectorStatus.OK)},
+        scanner=ScannerInfo(version="test", torch=torch.__version__, device="cpu", seed=0),
+        model=ModelInfo(format="pt2", sha256="0" * 64, size_bytes=1),
+    )
+    assert verdict.label is VerdictLabel.INCONCLUSIVE
+
+    # with the confirmation off, the same run flags a class the backdoor does not map to
+    loose = _run(_inputs(source_specific.model, training, SpectralConfig(min_persistence_gap=0.0)))
+    assert set(loose.flagged_classes) - {source_specific.target}
