@@ -103,7 +103,7 @@ def precision_recall(flagged: np.ndarray, poisoned: np.ndarray) -> tuple[float |
 
 def _training_code_hash() -> str:
     digest = hashlib.sha256()
-    for name in ("architectures.py", "attacks.py", "datasets.py", "training.py"):
+    for name in ("loading/architectures.py", "testing/attacks.py", "testing/mnist.py", "testing/training.py"):
         digest.update((REPO / "scanner" / name).read_bytes())
     return digest.hexdigest()[:12]
 

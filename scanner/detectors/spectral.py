@@ -1,6 +1,6 @@
 """The ``spectral_signatures`` detector: :func:`scanner.spectral.detect_poisoned_samples` on the uploaded training data.
 
-Details (JSON): ``threshold``, ``min_persistence_gap``, ``estimated_poisoned_samples`` and, per analysed class,
+Details (JSON): ``threshold``, ``min_persistence_gain``, ``estimated_poisoned_samples`` and, per analysed class,
 ``class``, ``samples``, ``separation``, ``score``, ``flagged``; a class over the threshold that the side test did not
 confirm adds ``unconfirmed: true`` and its ``trigger_persistence``; flagged classes add
 ``estimated_poisoned_fraction``, ``suspicious_count``, ``trigger_persistence`` and up to
@@ -59,7 +59,7 @@ def _run(inputs: ScanInputs, progress: DetectorProgress) -> DetectorResult:
         progress=progress,
     )
     if result.unconfirmed_classes and not result.flagged_classes:
-        raise UndecidableError(_undecided(result.unconfirmed_classes, result.persistence, config.min_persistence_gap))
+        raise UndecidableError(_undecided(result.unconfirmed_classes, result.persistence, config.min_persistence_gain))
     classes: list[dict[str, Any]] = []
     complete: dict[str, list[dict[str, Any]]] = {}
     scores: dict[str, dict[str, list[Any]]] = {}
@@ -95,7 +95,7 @@ def _run(inputs: ScanInputs, progress: DetectorProgress) -> DetectorResult:
         flagged_classes=result.flagged_classes,
         details={
             "threshold": result.threshold,
-            "min_persistence_gap": config.min_persistence_gap,
+            "min_persistence_gain": config.min_persistence_gain,
             "estimated_poisoned_samples": sum(len(v) for v in complete.values()),
             "classes": classes,
             "artifacts": {"suspicious_json": _ARTIFACT_NAME, "scores_json": _SCORES_NAME},
@@ -108,13 +108,13 @@ def _run(inputs: ScanInputs, progress: DetectorProgress) -> DetectorResult:
     )
 
 
-def _undecided(labels: tuple[int, ...], persistence: dict[int, tuple[float, float]], gap: float) -> str:
+def _undecided(labels: tuple[int, ...], persistence: dict[int, tuple[float, float]], gain: float) -> str:
     parts = ", ".join(f"{k} ({persistence[k][0]:.2f} vs {persistence[k][1]:.2f})" for k in labels)
     return (
-        f"class{'es' if len(labels) > 1 else ''} {parts} split into two sub-populations, but the suspected members do "
-        f"not keep their class under blending more than the rest (a gap under {gap:g}): the split is not a trigger "
-        "of that class (the cover samples of a source-specific backdoor, or a class that is naturally two clusters), "
-        "so spectral signatures cannot decide"
+        f"class{'es' if len(labels) > 1 else ''} {parts} split into two sub-populations, but the suspected members "
+        f"do not keep their class under blending clearly more often than the rest (a gain under {gain:g}): the split "
+        "is not a trigger of that class (the cover samples of a source-specific backdoor, or a class that is "
+        "naturally two clusters), so spectral signatures cannot decide"
     )
 
 

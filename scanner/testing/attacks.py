@@ -166,20 +166,28 @@ class PoisonedDataset:
     poisoned_indices: torch.Tensor
 
 
+def _check_rate(rate: float) -> None:
+    if not 0.0 < rate < 1.0:
+        raise ValueError(f"rate must be in (0, 1), got {rate}")
+
+
+def _check_pairs(images: torch.Tensor, labels: torch.Tensor) -> None:
+    if images.ndim != 4 or labels.shape != (images.shape[0],) or len(labels) == 0:
+        raise ValueError(
+            f"expected images (N, C, H, W) and labels (N,), N >= 1, got {tuple(images.shape)}, {tuple(labels.shape)}"
+        )
+    if not images.is_floating_point():
+        raise ValueError(f"images must be a float tensor, got {images.dtype}")
+
+
 def _poison_candidates(
     images: torch.Tensor, labels: torch.Tensor, *, target: int, rate: float
 ) -> tuple[int, torch.Tensor]:
     """Check the arguments of an all-to-one poisoning; return the row count and the non-target rows (CPU)."""
-    if images.ndim != 4 or labels.shape != (images.shape[0],):
-        raise ValueError(
-            f"expected images (N, C, H, W) and labels (N,), got {tuple(images.shape)}, {tuple(labels.shape)}"
-        )
-    if not 0.0 < rate < 1.0:
-        raise ValueError(f"rate must be in (0, 1), got {rate}")
-    if len(labels) == 0 or not 0 <= target <= int(labels.max()):
-        raise ValueError(
-            f"target must be a class index in [0, {int(labels.max()) if len(labels) else -1}], got {target}"
-        )
+    _check_pairs(images, labels)
+    _check_rate(rate)
+    if not 0 <= target <= int(labels.max()):
+        raise ValueError(f"target must be a class index in [0, {int(labels.max())}], got {target}")
     count = round(rate * len(labels))
     candidates = torch.nonzero(labels.cpu() != target).squeeze(1)
     if not 1 <= count <= len(candidates):
@@ -533,20 +541,6 @@ class WaNetRecipe:
 
 
 # ------------------------------------------------------------------------------------------------ beyond all-to-one
-
-
-def _check_rate(rate: float) -> None:
-    if not 0.0 < rate < 1.0:
-        raise ValueError(f"rate must be in (0, 1), got {rate}")
-
-
-def _check_pairs(images: torch.Tensor, labels: torch.Tensor) -> None:
-    if images.ndim != 4 or labels.shape != (images.shape[0],) or len(labels) == 0:
-        raise ValueError(
-            f"expected images (N, C, H, W) and labels (N,), N >= 1, got {tuple(images.shape)}, {tuple(labels.shape)}"
-        )
-    if not images.is_floating_point():
-        raise ValueError(f"images must be a float tensor, got {images.dtype}")
 
 
 def _draw(rows: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:

@@ -14,6 +14,7 @@ from scanner.spectral import (
     SpectralReport,
     class_splits,
     detect_poisoned_samples,
+    persistence_gain,
     trigger_persistence,
 )
 from scanner.testing.attacks import BadNetsRecipe, class_mapping, mapped_success_rate
@@ -219,7 +220,7 @@ def test_cover_samples_of_a_source_specific_backdoor_are_not_flagged_as_targets(
     assert asr >= 0.9
 
     unchecked = detect_poisoned_samples(
-        model, poisoned.images, poisoned.labels, config=SpectralConfig(min_persistence_gap=0.0), device=CPU
+        model, poisoned.images, poisoned.labels, config=SpectralConfig(min_persistence_gain=0.0), device=CPU
     )
     wrong = set(unchecked.flagged_classes) - {source_specific.target}
     assert wrong, "the split alone flags a class the backdoor does not map to"
@@ -229,11 +230,21 @@ def test_cover_samples_of_a_source_specific_backdoor_are_not_flagged_as_targets(
     assert wrong <= set(report.unconfirmed_classes)
     for label in report.unconfirmed_classes:
         suspected, rest = report.persistence[label]
-        assert suspected - rest < SpectralConfig().min_persistence_gap
+        assert persistence_gain(suspected, rest) < SpectralConfig().min_persistence_gain
     assert not set(report.flagged_classes) & set(report.unconfirmed_classes)
 
 
 def test_a_real_target_is_confirmed_by_the_side_test(badnets: BadNetsModel, badnets_report: SpectralReport) -> None:
     suspected, rest = badnets_report.persistence[badnets.target]
-    assert suspected - rest >= SpectralConfig().min_persistence_gap
+    assert persistence_gain(suspected, rest) >= SpectralConfig().min_persistence_gain
     assert badnets_report.unconfirmed_classes == ()
+
+
+def test_persistence_gain_is_the_relative_drop_in_how_often_the_class_is_lost() -> None:
+    # a class that keeps its label under blending 73% of the time: 87.5% for the suspected members is a real gain
+    assert persistence_gain(0.875, 0.729) == pytest.approx(0.539, abs=1e-3)
+    # a class that keeps it 12% of the time: 22% is not
+    assert persistence_gain(0.22, 0.12) == pytest.approx(0.114, abs=1e-3)
+    assert persistence_gain(0.3, 0.3) == 0.0
+    assert persistence_gain(0.2, 0.4) < 0
+    assert persistence_gain(1.0, 1.0) == 0.0  # the rest never loses it: nothing to confirm

@@ -118,5 +118,5 @@ def test_unconfirmed_splits_alone_make_the_detector_undecidable_not_clean(source
     assert verdict.label is VerdictLabel.INCONCLUSIVE
 
     # with the confirmation off, the same run flags a class the backdoor does not map to
-    loose = _run(_inputs(source_specific.model, training, SpectralConfig(min_persistence_gap=0.0)))
+    loose = _run(_inputs(source_specific.model, training, SpectralConfig(min_persistence_gain=0.0)))
     assert set(loose.flagged_classes) - {source_specific.target}
