@@ -451,7 +451,9 @@ class _Page:
         parts = [
             '<section id="spectral"><h2>Spectral signatures</h2>',
             f"<p>Each class's penultimate features split in two; a class whose separation score exceeds "
-            f"{_fmt(spectral.get('threshold'))} is flagged. Estimated poisoned samples: "
+            f"{_fmt(spectral.get('threshold'))} is flagged when the side test confirms it (blended with other images, "
+            f"its suspected members keep the class clearly more often than the rest: a persistence gain of at least "
+            f"{_fmt(spectral.get('min_persistence_gain'))}); otherwise it is unconfirmed. Estimated poisoned samples: "
             f"{_fmt(spectral.get('estimated_poisoned_samples'))}.</p>",
         ]
         for entry in classes:
@@ -481,10 +483,10 @@ class _Page:
             )
         rows = [
             ([_fmt(c.get("class")), _fmt(c.get("samples")), _fmt(c.get("separation")), _fmt(c.get("score")),
-              _fmt(c.get("flagged"))], c.get("flagged") is True)
+              _fmt(c.get("flagged")), _side_test(c)], c.get("flagged") is True)
             for c in classes
         ]  # fmt: skip
-        parts.append(_table(["class", "samples", "separation", "score", "flagged"], rows))
+        parts.append(_table(["class", "samples", "separation", "score", "flagged", "side test"], rows))
         parts.append("</section>")
         return "".join(parts)
 
@@ -599,6 +601,16 @@ def _svg_with_grid(label: str, frame: tuple[int, int, int, int, int, int], top_v
         parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eaeded"/>')
         parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{tick:g}</text>')
     return parts
+
+
+def _side_test(entry: Mapping[str, Any]) -> str:
+    """A spectral class's side test in a table cell: persistence of the suspected members vs the rest, and what it
+    decided (only classes over the threshold are tested)."""
+    persistence = _dict(entry.get("trigger_persistence"))
+    if not persistence:
+        return "-"
+    outcome = "unconfirmed" if entry.get("unconfirmed") is True else "confirmed"
+    return f"{outcome} ({_fmt(persistence.get('suspicious'))} vs {_fmt(persistence.get('rest'))})"
 
 
 def _histogram(scores: list[float], suspicious: list[bool]) -> str:

@@ -95,6 +95,13 @@ def render_text(verdict: Mapping[str, Any], model_name: str) -> str:
             if flagged_line is not None and isinstance(entry, Mapping) and entry.get("flagged"):
                 limit = detector.get("significance" if name == "max_margin" else "threshold")
                 lines.append(f"    - class {entry.get('class')}: {flagged_line(entry, limit)}")
+            elif isinstance(entry, Mapping) and entry.get("unconfirmed"):
+                persistence = entry.get("trigger_persistence") or {}
+                lines.append(
+                    f"    - class {entry.get('class')}: split (score {entry.get('score')}) but unconfirmed: suspected "
+                    f"members keep the class under blending {persistence.get('suspicious')}, "
+                    f"the rest {persistence.get('rest')}"
+                )
     return "\n".join(lines)
 
 

@@ -71,6 +71,12 @@ def test_report_shows_the_verdict_and_the_target(scanned: dict[str, Any], badnet
     assert f"flagged classes: {badnets.target}</div>" in page
     assert f'id="nc-class-{badnets.target}"' in page
     assert f'id="spectral-class-{badnets.target}"' in page
+    spectral_target = next(
+        c for c in verdict["detectors"]["spectral_signatures"]["classes"] if c["class"] == badnets.target
+    )
+    persistence = spectral_target["trigger_persistence"]
+    assert f"<td>confirmed ({persistence['suspicious']:.4g} vs {persistence['rest']:.4g})</td>" in page
+    assert "a persistence gain of at least 0.18" in page
     assert page.count("<svg") == 2  # the anomaly-index chart and the target's score histogram
     assert f"threshold {verdict['detectors']['neural_cleanse']['threshold']:.4g}" in page  # the chart's line
     assert "badnets.pt2" in page

@@ -66,3 +66,27 @@ def test_text_report_gives_the_z_of_the_class_that_carries_it() -> None:
     lines = render_text(verdict, "model.pt2").splitlines()
     expected = "anomaly index 4.1 (threshold 2.5), z 5.2 (threshold 3.61), trigger L1 9.0, attack success 1.0"
     assert f"    - class 0: {expected}" in lines
+
+
+def test_text_report_says_which_spectral_splits_the_side_test_did_not_confirm() -> None:
+    verdict = _verdict()
+    detectors = verdict["detectors"]
+    assert isinstance(detectors, dict)
+    detectors["spectral_signatures"] = {
+        "status": "ok",
+        "flagged_classes": [7],
+        "threshold": 2.0,
+        "classes": [
+            {"class": 1, "flagged": False, "score": 4.08, "unconfirmed": True,
+             "trigger_persistence": {"suspicious": 0.19, "rest": 0.11}},
+            {"class": 7, "flagged": True, "score": 2.5, "suspicious_count": 40},
+            {"class": 8, "flagged": False, "score": 1.1},
+        ],
+    }  # fmt: skip
+    lines = render_text(verdict, "model.pt2").splitlines()
+    assert "    - class 7: score 2.5 (threshold 2.0), 40 suspicious samples" in lines
+    assert (
+        "    - class 1: split (score 4.08) but unconfirmed: suspected members keep the class under blending 0.19, "
+        "the rest 0.11"
+    ) in lines
+    assert not any(line.startswith("    - class 8") for line in lines)
