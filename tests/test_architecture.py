@@ -44,6 +44,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "scanner.spectral",
         "scanner.gradcam",
         "scanner.evidence",
+        "scanner.repair",
     ),
     ("scanner.detectors",),
     ("scanner.pipeline",),
