@@ -14,12 +14,26 @@ __all__ = [
     "MaxMarginConfig",
     "ModelOptions",
     "NeuralCleanseConfig",
+    "RepairConfig",
     "ScanConfig",
     "SpectralConfig",
     "check_mean",
     "check_normalization",
     "check_std",
 ]
+
+
+def refuse_invalid(checks: dict[str, bool], subject: str) -> None:
+    """Raise :class:`InvalidOptionError` naming every option whose check failed (NaN fails every comparison).
+
+    Args:
+        checks: option name -> whether its value is valid.
+        subject: what the options configure, for the message (``"Neural Cleanse"``).
+    """
+    bad = [name for name, ok in checks.items() if not ok]
+    if bad:
+        raise InvalidOptionError(f"invalid {subject} option(s): {', '.join(bad)}")
+
 
 MAX_CLASSES = 100_000
 MAX_SIDE = 4096
@@ -282,9 +296,7 @@ class NeuralCleanseConfig:
             "screen_references": self.screen_references >= 5,
             "screen_batch_size": self.screen_batch_size >= 1,
         }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise InvalidOptionError(f"invalid Neural Cleanse option(s): {', '.join(bad)}")
+        refuse_invalid(checks, "Neural Cleanse")
 
     def screens(self, num_classes: int) -> bool:
         """Whether a model with ``num_classes`` classes is screened first (see ``screen_above``)."""
@@ -354,9 +366,7 @@ class SpectralConfig:
             "max_listed": self.max_listed >= 0,
             "batch_size": self.batch_size >= 1,
         }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise InvalidOptionError(f"invalid spectral signatures option(s): {', '.join(bad)}")
+        refuse_invalid(checks, "spectral signatures")
 
 
 @dataclass(frozen=True)
@@ -394,9 +404,7 @@ class MaxMarginConfig:
             "significance": 0.0 < self.significance < 1.0,
             "max_images_per_forward": self.max_images_per_forward >= 1,
         }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise InvalidOptionError(f"invalid max-margin option(s): {', '.join(bad)}")
+        refuse_invalid(checks, "max-margin")
 
     def classes_per_chunk(self) -> int:
         return max(1, self.max_images_per_forward // self.starts)
@@ -424,3 +432,42 @@ class ScanConfig:
             raise InvalidOptionError(
                 f"unknown detector(s) {', '.join(unknown)}; choose from {', '.join(BACKDOOR_DETECTORS)}"
             )
+
+
+@dataclass(frozen=True)
+class RepairConfig:
+    """Hyper-parameters of :func:`scanner.repair.unlearn`.
+
+    Attributes:
+        epochs: passes over the training part of the clean samples.
+        lr: SGD learning rate (momentum 0.9, constant). SGD, not Adam: its steps follow the gradients, large on
+            the stamped samples and small on the clean ones the model already fits; Adam's sign-like steps moved
+            every weight and cost 3-4 points of clean accuracy on the bench at any rate that removed the backdoor.
+        batch_size: samples per step.
+        stamp_fraction: share of each batch stamped with a reversed trigger (label kept), redrawn every epoch.
+        held_out_fraction: share of the clean samples kept out of the fine-tuning to measure it.
+        max_accuracy_drop: the largest loss of held-out clean accuracy (absolute, 0..1) a repair may cost.
+        distill: weight of a distillation term that keeps the repaired model's outputs on the unstamped samples
+            close to the original's (KL divergence; the original is right on clean inputs): it halved the
+            clean-accuracy loss on the bench (``bench/repair.py``). 0 turns it off.
+    """
+
+    epochs: int = 20
+    lr: float = 0.003
+    batch_size: int = 32
+    stamp_fraction: float = 0.2
+    held_out_fraction: float = 0.3
+    max_accuracy_drop: float = 0.02
+    distill: float = 5.0
+
+    def __post_init__(self) -> None:
+        checks = {
+            "epochs": 1 <= self.epochs <= 1000,
+            "lr": 0 < self.lr <= 1,
+            "batch_size": self.batch_size >= 1,
+            "stamp_fraction": 0 < self.stamp_fraction < 1,
+            "held_out_fraction": 0 < self.held_out_fraction < 1,
+            "max_accuracy_drop": 0 <= self.max_accuracy_drop <= 1,
+            "distill": 0 <= self.distill <= 100,
+        }
+        refuse_invalid(checks, "repair")

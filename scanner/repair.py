@@ -27,51 +27,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from scanner.classifier import predict
-from scanner.errors import InvalidOptionError
+from scanner.config import RepairConfig
 from scanner.trigger import Trigger
 
 __all__ = ["RepairConfig", "RepairResult", "unlearn"]
-
-
-@dataclass(frozen=True)
-class RepairConfig:
-    """Hyper-parameters of :func:`unlearn`.
-
-    Attributes:
-        epochs: passes over the training part of the clean samples.
-        lr: SGD learning rate (momentum 0.9, constant). SGD, not Adam: its steps follow the gradients, large on
-            the stamped samples and small on the clean ones the model already fits; Adam's sign-like steps moved
-            every weight and cost 3-4 points of clean accuracy on the bench at any rate that removed the backdoor.
-        batch_size: samples per step.
-        stamp_fraction: share of each batch stamped with a reversed trigger (label kept), redrawn every epoch.
-        held_out_fraction: share of the clean samples kept out of the fine-tuning to measure it.
-        max_accuracy_drop: the largest loss of held-out clean accuracy (absolute, 0..1) a repair may cost.
-        distill: weight of a distillation term that keeps the repaired model's outputs on the unstamped samples
-            close to the original's (KL divergence; the original is right on clean inputs): it halved the
-            clean-accuracy loss on the bench (``bench/repair.py``). 0 turns it off.
-    """
-
-    epochs: int = 20
-    lr: float = 0.003
-    batch_size: int = 32
-    stamp_fraction: float = 0.2
-    held_out_fraction: float = 0.3
-    max_accuracy_drop: float = 0.02
-    distill: float = 5.0
-
-    def __post_init__(self) -> None:
-        checks = {
-            "epochs": 1 <= self.epochs <= 1000,
-            "lr": 0 < self.lr <= 1,
-            "batch_size": self.batch_size >= 1,
-            "stamp_fraction": 0 < self.stamp_fraction < 1,
-            "held_out_fraction": 0 < self.held_out_fraction < 1,
-            "max_accuracy_drop": 0 <= self.max_accuracy_drop <= 1,
-            "distill": 0 <= self.distill <= 100,
-        }
-        bad = [name for name, ok in checks.items() if not ok]  # NaN fails every comparison
-        if bad:
-            raise InvalidOptionError(f"invalid repair settings: {', '.join(bad)}")
 
 
 @dataclass(frozen=True, eq=False)  # holds a model: compare by identity
