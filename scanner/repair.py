@@ -28,7 +28,7 @@ from torch.nn import functional as F
 
 from scanner.classifier import predict
 from scanner.config import RepairConfig
-from scanner.trigger import Trigger
+from scanner.trigger import Trigger, attack_success_rate
 
 __all__ = ["RepairConfig", "RepairResult", "unlearn"]
 
@@ -64,14 +64,12 @@ def _measure(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor, triggers: Mapping[int, Trigger], device: torch.device
 ) -> tuple[float, dict[int, float]]:
     accuracy = (predict(model, images, device=device).cpu() == labels.cpu()).double().mean().item()
-    rates = {}
-    for target, trigger in triggers.items():
-        others = labels.cpu() != target
-        if not bool(others.any()):
-            rates[target] = float("nan")
-            continue
-        stamped = trigger.stamp(images[others.to(images.device)])
-        rates[target] = (predict(model, stamped, device=device).cpu() == target).double().mean().item()
+    rates = {
+        target: attack_success_rate(model, images, labels, trigger, target, device=device)
+        if bool((labels != target).any())
+        else float("nan")  # every held-out sample is of the target class: nothing to flip
+        for target, trigger in triggers.items()
+    }
     return accuracy, rates
 
 
