@@ -450,6 +450,11 @@ class RepairConfig:
         distill: weight of a distillation term that keeps the repaired model's outputs on the unstamped samples
             close to the original's (KL divergence; the original is right on clean inputs): it halved the
             clean-accuracy loss on the bench (``bench/repair.py``). 0 turns it off.
+        stamp_shift: half the stamped samples get the trigger moved by a random offset of up to this share of the
+            image side (0 keeps it where it was reversed).
+        rounds: at most this many unlearning rounds in :func:`scanner.repair.repair_checkpoint`: while the re-scan
+            of the repaired model reverses a trigger again, the original is unlearned once more with it too.
+        max_samples: clean samples read from the data file at most.
     """
 
     epochs: int = 20
@@ -459,6 +464,9 @@ class RepairConfig:
     held_out_fraction: float = 0.3
     max_accuracy_drop: float = 0.02
     distill: float = 5.0
+    stamp_shift: float = 0.0
+    rounds: int = 3
+    max_samples: int = 10_000
 
     def __post_init__(self) -> None:
         checks = {
@@ -469,5 +477,8 @@ class RepairConfig:
             "held_out_fraction": 0 < self.held_out_fraction < 1,
             "max_accuracy_drop": 0 <= self.max_accuracy_drop <= 1,
             "distill": 0 <= self.distill <= 100,
+            "stamp_shift": 0 <= self.stamp_shift <= 0.5,
+            "rounds": 1 <= self.rounds <= 10,
+            "max_samples": 4 <= self.max_samples <= 1_000_000,
         }
         refuse_invalid(checks, "repair")

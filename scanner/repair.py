@@ -18,19 +18,45 @@ fine-tuning never saw.
 from __future__ import annotations
 
 import copy
+import io
+import math
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from scanner.classifier import predict
-from scanner.config import RepairConfig
+from scanner.classifier import NormalizedClassifier, check_samples, predict, with_normalization
+from scanner.config import ModelOptions, RepairConfig, ScanConfig
+from scanner.detectors import Progress
+from scanner.errors import ScannerError
+from scanner.loading import load_model, load_samples
+from scanner.loading.exported import ExportedClassifier
+from scanner.loading.state_dict import STATE_DICT_FORMATS
+from scanner.loading.types import ModelFormat, one_line
+from scanner.pipeline import scan
 from scanner.trigger import Trigger, attack_success_rate
+from scanner.verdict import Verdict
 
-__all__ = ["RepairConfig", "RepairResult", "unlearn"]
+__all__ = [
+    "REPAIRED_PT2",
+    "REPAIRED_SAFETENSORS",
+    "RESCAN_DETECTORS",
+    "RepairConfig",
+    "RepairRefusedError",
+    "RepairReport",
+    "RepairResult",
+    "RepairUnsupportedError",
+    "export_classifier",
+    "read_triggers",
+    "repair_checkpoint",
+    "unlearn",
+]
 
 
 @dataclass(frozen=True, eq=False)  # holds a model: compare by identity
@@ -73,6 +99,24 @@ def _measure(
     return accuracy, rates
 
 
+def _stamp_shifted(trigger: Trigger, images: torch.Tensor, shift: float, generator: torch.Generator) -> torch.Tensor:
+    """Stamp ``trigger`` on ``images``; with ``shift`` > 0, half the rows get it moved by a random offset of up to
+    ``shift`` of the image side (cyclically), so that unlearning also covers a trigger that works anywhere."""
+    stamped = trigger.stamp(images)
+    height, width = trigger.mask.shape
+    reach = (round(shift * height), round(shift * width))
+    if shift <= 0 or max(reach) == 0:
+        return stamped
+    moved = torch.nonzero(torch.rand(len(images), generator=generator) < 0.5).squeeze(1).tolist()
+    for row in moved:
+        dy = int(torch.randint(-reach[0], reach[0] + 1, (1,), generator=generator))
+        dx = int(torch.randint(-reach[1], reach[1] + 1, (1,), generator=generator))
+        mask = torch.roll(trigger.mask, (dy, dx), dims=(0, 1)).to(images.device)
+        pattern = torch.roll(trigger.pattern, (dy, dx), dims=(1, 2)).to(images.device)
+        stamped[row] = (1 - mask) * images[row] + mask * pattern
+    return stamped
+
+
 def unlearn(
     model: nn.Module,
     images: torch.Tensor,
@@ -82,6 +126,7 @@ def unlearn(
     *,
     device: torch.device,
     seed: int = 0,
+    extra: Sequence[Trigger] = (),
     progress: Callable[[float, str], None] | None = None,
 ) -> RepairResult:
     """Fine-tune a copy of ``model`` so that the reversed ``triggers`` no longer change its predictions.
@@ -94,6 +139,7 @@ def unlearn(
         config: hyper-parameters.
         device: where the model runs.
         seed: seeds the split, the batch order and the stamped rows (CPU generators).
+        extra: more triggers to stamp (a re-scan of a repaired model reversed them), not measured.
         progress: called with ``(fraction, message)`` once per epoch (it may raise to stop).
 
     Returns:
@@ -121,7 +167,7 @@ def unlearn(
     for parameter in parameters:
         parameter.requires_grad_(True)
     optimiser = torch.optim.SGD(parameters, lr=config.lr, momentum=0.9)
-    stamps = list(triggers.values())
+    stamps = [*triggers.values(), *extra]
     for epoch in range(config.epochs):
         report(epoch / config.epochs, f"unlearning: epoch {epoch + 1} of {config.epochs}")
         shuffled = torch.randperm(len(train_labels), generator=generator)
@@ -129,9 +175,11 @@ def unlearn(
         which = torch.randint(len(stamps), (len(train_labels),), generator=generator)
         batch_images = train_images.clone()
         for index, trigger in enumerate(stamps):
-            rows = torch.nonzero(stamped_rows & (which == index)).squeeze(1).to(batch_images.device)
+            rows = torch.nonzero(stamped_rows & (which == index)).squeeze(1)
             if len(rows):
-                batch_images[rows] = trigger.stamp(batch_images[rows])
+                batch_images[rows.to(batch_images.device)] = _stamp_shifted(
+                    trigger, batch_images[rows.to(batch_images.device)], config.stamp_shift, generator
+                )
         for start in range(0, len(shuffled), config.batch_size):
             rows = shuffled[start : start + config.batch_size]
             x = batch_images[rows.to(batch_images.device)].to(device)
@@ -162,3 +210,266 @@ def unlearn(
         held_out_samples=held_out,
         duration_s=time.perf_counter() - started,
     )
+
+
+# -- a checkpoint in, a repaired checkpoint out ------------------------------------------------------------------
+
+
+class RepairRefusedError(ScannerError):
+    """The repair cost more held-out clean accuracy than the bound allows: no model is given back."""
+
+    code = "repair_accuracy_drop"
+
+
+class RepairUnsupportedError(ScannerError):
+    """The model cannot be repaired: no trigger to unlearn, or a format the repair cannot give back."""
+
+    code = "repair_unsupported"
+
+
+#: The files a repair writes into its output directory.
+REPAIRED_PT2 = "repaired.pt2"
+REPAIRED_SAFETENSORS = "repaired.safetensors"
+#: Detectors of the re-scan: those that judge a model. Spectral signatures judge a training set through the model,
+#: and the repair does not change the training set.
+RESCAN_DETECTORS = ("neural_cleanse", "max_margin")
+
+
+def read_triggers(classes: Sequence[int], read: Callable[[str], bytes]) -> dict[int, Trigger]:
+    """The Neural Cleanse triggers of ``classes`` from a scan's artifacts (``nc-class-K-mask.npy`` and
+    ``-pattern.npy``, read by name with ``read``).
+
+    Raises:
+        RepairUnsupportedError: an artifact is missing, or not a finite float array of a trigger's shape in [0, 1].
+    """
+    triggers: dict[int, Trigger] = {}
+    for target in classes:
+        try:
+            arrays = [
+                np.load(io.BytesIO(read(f"nc-class-{target}-{kind}.npy")), allow_pickle=False)
+                for kind in ("mask", "pattern")
+            ]
+            mask, pattern = (torch.from_numpy(np.asarray(a, dtype=np.float32).copy()) for a in arrays)
+            if not (bool(torch.isfinite(mask).all()) and bool(torch.isfinite(pattern).all())):
+                raise ValueError("not finite")
+            triggers[target] = Trigger(mask=mask, pattern=pattern)
+        except (OSError, ValueError, KeyError) as exc:
+            raise RepairUnsupportedError(f"the reversed trigger of class {target} cannot be read: {exc}") from exc
+    return triggers
+
+
+def export_classifier(module: nn.Module, input_shape: tuple[int, int, int], path: Path) -> None:
+    """Save a classifier (taking the inputs the user's model takes: normalisation is not added) as a
+    ``torch.export`` archive with a dynamic batch size, or the batch size its graph was exported for.
+
+    Raises:
+        RepairUnsupportedError: the module cannot be exported (TorchScript, data-dependent control flow).
+    """
+    target: nn.Module = module.graph_module if isinstance(module, ExportedClassifier) else module
+    batch = module.min_batch if isinstance(module, ExportedClassifier) else 2
+    example = torch.zeros((max(batch, 2), *input_shape), device=next(iter(module.parameters())).device)
+    try:
+        try:
+            program = torch.export.export(target, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+        except Exception:  # a graph with its batch size baked in: keep that batch size (the loader pads to it)
+            program = torch.export.export(target, (example[:batch],))
+        torch.export.save(program, path)
+    except Exception as exc:
+        raise RepairUnsupportedError(f"the repaired model cannot be saved with torch.export: {one_line(exc)}") from exc
+
+
+def save_state_dict(module: nn.Module, path: Path) -> None:
+    """The repaired weights as a safetensors state_dict (for a state_dict upload with ``arch``)."""
+    from safetensors.torch import save_file
+
+    save_file({name: tensor.detach().cpu().contiguous() for name, tensor in module.state_dict().items()}, str(path))
+
+
+@dataclass(frozen=True)
+class RepairReport:
+    """What :func:`repair_checkpoint` did, JSON-ready with :meth:`to_dict`.
+
+    Attributes:
+        result: the last unlearning round (its ``model`` is the repaired one).
+        rounds: the unlearning round whose model this is; a round after the first unlearns, besides the scan's
+            triggers, the ones the re-scan of the previous round's model still reversed. A later round that would
+            cost more accuracy than the bound is dropped: the previous round's model stays the answer.
+        rescan: the verdict of the re-scan of the saved ``.pt2`` (the last round's), through the upload path.
+        files: the names written into the output directory.
+        max_accuracy_drop: the bound the repair was held to.
+    """
+
+    result: RepairResult
+    rounds: int
+    rescan: Verdict
+    files: tuple[str, ...]
+    max_accuracy_drop: float
+
+    @property
+    def repaired(self) -> bool:
+        """The re-scan flags nothing."""
+        return not self.rescan.flagged_classes
+
+    def to_dict(self) -> dict[str, Any]:
+        result = self.result
+        return {
+            "method": "unlearning",
+            "repaired": self.repaired,
+            "classes": sorted(result.trigger_asr_before),
+            "rounds": self.rounds,
+            "clean_accuracy": {
+                "before": round(result.accuracy_before, 4),
+                "after": round(result.accuracy_after, 4),
+                "drop": round(result.accuracy_drop, 4),
+                "max_drop": self.max_accuracy_drop,
+            },
+            "trigger_attack_success_rate": {
+                str(target): {
+                    "before": _rounded(result.trigger_asr_before[target]),
+                    "after": _rounded(result.trigger_asr_after[target]),
+                }
+                for target in sorted(result.trigger_asr_before)
+            },
+            "samples": {"fine_tuning": result.train_samples, "held_out": result.held_out_samples},
+            "rescan": self.rescan.to_dict(),
+            "files": list(self.files),
+            "duration_s": round(result.duration_s, 3),
+        }
+
+
+def _rounded(value: float) -> float | None:
+    return None if math.isnan(value) else round(value, 4)
+
+
+def repair_checkpoint(
+    model_path: Path,
+    data_path: Path,
+    triggers: Mapping[int, Trigger],
+    output_dir: Path,
+    *,
+    scan_config: ScanConfig,
+    config: RepairConfig = RepairConfig(),
+    device: torch.device,
+    progress: Progress | None = None,
+) -> RepairReport:
+    """Repair the checkpoint a scan flagged: unlearn its reversed ``triggers`` on the clean samples at
+    ``data_path``, hold the result to ``config.max_accuracy_drop``, save it, and scan the saved file again.
+
+    While the re-scan reverses a trigger again (at most ``config.rounds`` rounds), the original model is unlearned
+    once more with those triggers too. ``output_dir`` gets ``repaired.pt2`` (any input) and, for a state_dict
+    input, ``repaired.safetensors``.
+
+    Args:
+        model_path: the checkpoint as uploaded (checked and loaded like a scan's, with ``scan_config.model``).
+        data_path: clean, correctly labelled samples (at most ``config.max_samples`` are used).
+        triggers: the reversed trigger of each flagged class (:func:`read_triggers`).
+        output_dir: where the repaired files go (created).
+        scan_config: the scan's options (model options, seed, data limits, Neural Cleanse settings).
+        config: the repair's settings.
+        device: where it runs.
+        progress: called with ``(fraction, stage, message)``; it may raise to stop.
+
+    Raises:
+        RepairRefusedError: the held-out clean accuracy dropped more than ``config.max_accuracy_drop``.
+        RepairUnsupportedError: no trigger, TorchScript, or a model torch.export cannot save.
+        ScannerError: the model or the samples cannot be loaded (as in a scan).
+    """
+    report = progress or (lambda fraction, stage, message: None)
+    if not triggers:
+        raise RepairUnsupportedError("the scan reversed no trigger: there is nothing to unlearn")
+    report(0.0, "loading", "loading the model and the clean samples")
+    loaded = load_model(model_path, scan_config.model, device)
+    if loaded.format is ModelFormat.torchscript:
+        raise RepairUnsupportedError("TorchScript models cannot be given back as .pt2: upload a torch.export archive")
+    model = with_normalization(loaded.module, scan_config.model.mean, scan_config.model.std)
+    samples = load_samples(
+        data_path,
+        input_shape=loaded.input_shape,
+        limits=scan_config.data_limits,
+        max_samples=config.max_samples,
+        seed=scan_config.seed,
+    )
+    check_samples(model, samples.images, samples.labels, num_classes=loaded.num_classes, device=device)
+    input_shape = loaded.input_shape or _image_shape(samples.images)
+    images, labels = samples.images.to(device), samples.labels.to(device)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    rescan_config = replace(scan_config, detectors=RESCAN_DETECTORS, model=_exported_options(scan_config.model))
+    extra: list[Trigger] = []
+    share = 1.0 / config.rounds
+    kept: RepairReport | None = None
+    for round_index in range(config.rounds):
+        label, start = f"round {round_index + 1}", round_index * share
+        result = unlearn(
+            model,
+            images,
+            labels,
+            triggers,
+            config,
+            device=device,
+            seed=scan_config.seed,
+            extra=extra,
+            progress=_within(report, start, 0.3 * share, label),
+        )
+        if result.accuracy_drop > config.max_accuracy_drop + 1e-9:  # 3 of 150 samples is 2.0%, within a 2% bound
+            if kept is not None:  # the previous round's model (saved, re-scanned) stays the answer
+                break
+            raise RepairRefusedError(
+                f"the repair cost {result.accuracy_drop:.1%} of held-out clean accuracy "
+                f"({result.accuracy_before:.1%} -> {result.accuracy_after:.1%} on {result.held_out_samples} samples),"
+                f" more than the bound of {config.max_accuracy_drop:.1%}; no model is given back. More clean"
+                " samples usually cost less accuracy."
+            )
+        files = _save(result.model, loaded.format, input_shape, output_dir)
+        rescan = scan(
+            output_dir / REPAIRED_PT2,
+            rescan_config,
+            device,
+            data_path=data_path,
+            progress=_scoped(report, start + 0.3 * share, 0.7 * share, label),
+        )
+        kept = RepairReport(
+            result=result,
+            rounds=round_index + 1,
+            rescan=rescan,
+            files=files,
+            max_accuracy_drop=config.max_accuracy_drop,
+        )
+        reversed_again = rescan.detectors["neural_cleanse"].flagged_classes
+        if not reversed_again:
+            break
+        extra += read_triggers(reversed_again, rescan.detectors["neural_cleanse"].artifacts.__getitem__).values()
+    assert kept is not None  # the first round either raised or kept its result
+    report(1.0, "done", "repair finished")
+    return kept
+
+
+def _save(
+    model: nn.Module, file_format: ModelFormat, input_shape: tuple[int, int, int], output_dir: Path
+) -> tuple[str, ...]:
+    """Write the repaired model (without the normalisation wrapper: it takes what the upload took)."""
+    repaired = model.model if isinstance(model, NormalizedClassifier) else model
+    export_classifier(repaired, input_shape, output_dir / REPAIRED_PT2)
+    if file_format not in STATE_DICT_FORMATS:
+        return (REPAIRED_PT2,)
+    save_state_dict(repaired, output_dir / REPAIRED_SAFETENSORS)
+    return REPAIRED_PT2, REPAIRED_SAFETENSORS
+
+
+def _scoped(report: Progress, start: float, width: float, label: str) -> Progress:
+    """A scan's progress as a part ``[start, start + width]`` of the repair's."""
+    return lambda fraction, stage, message: report(start + width * fraction, "rescan", f"{label}: {stage}: {message}")
+
+
+def _within(report: Progress, start: float, width: float, label: str) -> Callable[[float, str], None]:
+    """:func:`unlearn`'s progress as a part ``[start, start + width]`` of the repair's."""
+    return lambda fraction, message: report(start + width * fraction, "unlearning", f"{label}: {message}")
+
+
+def _image_shape(images: torch.Tensor) -> tuple[int, int, int]:
+    channels, height, width = images.shape[1:]
+    return int(channels), int(height), int(width)
+
+
+def _exported_options(options: ModelOptions) -> ModelOptions:
+    """The options the saved ``.pt2`` is scanned with: its normalisation, not the state_dict's ``arch``."""
+    return ModelOptions(mean=options.mean, std=options.std)

@@ -1,18 +1,36 @@
-"""Repair by unlearning, on the BadNets ``mnist_cnn`` trained at test time: the backdoor goes, clean accuracy stays."""
+"""Repair by unlearning, on the BadNets ``mnist_cnn`` trained at test time: the backdoor goes, clean accuracy stays;
+a checkpoint in, a repaired checkpoint out (both formats), re-scanned; a repair that costs too much is refused."""
 
 from __future__ import annotations
 
 import copy
+import io
+import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
+from scanner.config import ModelOptions, ScanConfig
 from scanner.errors import InvalidOptionError
-from scanner.repair import RepairConfig, unlearn
+from scanner.loading import load_model
+from scanner.repair import (
+    REPAIRED_PT2,
+    REPAIRED_SAFETENSORS,
+    RESCAN_DETECTORS,
+    RepairConfig,
+    RepairRefusedError,
+    RepairUnsupportedError,
+    read_triggers,
+    repair_checkpoint,
+    unlearn,
+)
 from scanner.testing.mnist import MnistSplit
 from scanner.testing.training import accuracy
 from scanner.trigger import attack_success_rate
-from tests.factories import BadNetsModel
+from tests.factories import BadNetsModel, to_uint8, write_npz
 
 CPU = torch.device("cpu")
 
@@ -64,3 +82,106 @@ def test_unlearning_refuses_what_it_cannot_do(mnist: MnistSplit, badnets: BadNet
     for field, value in [("epochs", 0), ("lr", float("nan")), ("stamp_fraction", 1.0), ("distill", -1.0)]:
         with pytest.raises(InvalidOptionError, match=field):
             RepairConfig(**{field: value})
+
+
+@pytest.fixture(scope="module")
+def repair_files(tmp_path_factory: pytest.TempPathFactory, mnist: MnistSplit, badnets: BadNetsModel) -> dict[str, Path]:
+    """The BadNets model as a safetensors state_dict (``arch=mnist_cnn``) and 500 clean test images."""
+    root = tmp_path_factory.mktemp("repair")
+    save_file(badnets.model.state_dict(), str(root / "badnets.safetensors"))
+    write_npz(root / "clean.npz", to_uint8(mnist.test_images[:500]), mnist.test_labels[:500].numpy())
+    return {"model": root / "badnets.safetensors", "data": root / "clean.npz"}
+
+
+STATE_DICT = ScanConfig(model=ModelOptions(arch="mnist_cnn", num_classes=10))
+
+
+def test_a_repaired_checkpoint_is_given_back_in_both_formats_and_scans_clean(
+    tmp_path: Path, mnist: MnistSplit, badnets: BadNetsModel, repair_files: dict[str, Path]
+) -> None:
+    stages: list[str] = []
+    report = repair_checkpoint(
+        repair_files["model"],
+        repair_files["data"],
+        {badnets.target: badnets.trigger},
+        tmp_path / "out",
+        scan_config=STATE_DICT,
+        device=CPU,
+        progress=lambda fraction, stage, message: stages.append(stage),
+    )
+
+    assert report.files == (REPAIRED_PT2, REPAIRED_SAFETENSORS)
+    exported = load_model(tmp_path / "out" / REPAIRED_PT2, ModelOptions(), CPU).module
+    weights = load_model(tmp_path / "out" / REPAIRED_SAFETENSORS, STATE_DICT.model, CPU).module
+    unseen_images, unseen_labels = mnist.test_images[500:], mnist.test_labels[500:]
+    assert torch.allclose(exported(unseen_images[:64]), weights(unseen_images[:64]), atol=1e-4)
+    asr = attack_success_rate(exported, unseen_images, unseen_labels, badnets.trigger, badnets.target, device=CPU)
+    assert asr < 0.1
+    drop = accuracy(badnets.model, unseen_images, unseen_labels, device=CPU) - accuracy(
+        exported, unseen_images, unseen_labels, device=CPU
+    )
+    assert drop <= 0.03
+    # the re-scan (Neural Cleanse on the given samples, and the data-free test) of the saved file flags nothing
+    assert report.repaired
+    assert report.rescan.label.value == "clean"
+    assert set(report.rescan.detectors) >= set(RESCAN_DETECTORS)
+    assert report.rescan.detectors["spectral_signatures"].status.value == "skipped"
+    assert stages[0] == "loading"
+    assert {"unlearning", "rescan"} <= set(stages)
+    assert stages[-1] == "done"
+    summary = report.to_dict()
+    assert summary["classes"] == [badnets.target]
+    assert summary["samples"] == {"fine_tuning": 350, "held_out": 150}
+    assert summary["trigger_attack_success_rate"][str(badnets.target)]["before"] >= 0.9
+    assert summary["trigger_attack_success_rate"][str(badnets.target)]["after"] < 0.1
+    assert summary["clean_accuracy"]["max_drop"] == RepairConfig().max_accuracy_drop
+    assert summary["rescan"]["verdict"] == "clean"
+    json.dumps(summary)  # JSON-ready
+
+
+def test_a_repair_that_costs_too_much_accuracy_is_refused_with_its_numbers(
+    tmp_path: Path, badnets: BadNetsModel, repair_files: dict[str, Path]
+) -> None:
+    # a learning rate 100x the default wrecks the model: the held-out check catches it, nothing is written
+    reckless = RepairConfig(lr=0.3, epochs=3, distill=0.0, rounds=1)
+    with pytest.raises(RepairRefusedError, match=r"held-out clean accuracy \(\d+\.\d% -> \d+\.\d% on 150 samples\)"):
+        repair_checkpoint(
+            repair_files["model"],
+            repair_files["data"],
+            {badnets.target: badnets.trigger},
+            tmp_path / "out",
+            scan_config=STATE_DICT,
+            config=reckless,
+            device=CPU,
+        )
+    assert not (tmp_path / "out" / REPAIRED_PT2).exists()
+
+
+def test_triggers_are_read_only_from_sound_arrays(tmp_path: Path) -> None:
+    good = {"mask": np.full((4, 4), 0.5, np.float32), "pattern": np.ones((1, 4, 4), np.float32)}
+
+    def files(**arrays: np.ndarray) -> dict[str, bytes]:
+        out = {}
+        for kind, array in {**good, **arrays}.items():
+            buffer = io.BytesIO()
+            np.save(buffer, array)
+            out[f"nc-class-3-{kind}.npy"] = buffer.getvalue()
+        return out
+
+    triggers = read_triggers([3], files().__getitem__)
+    assert torch.equal(triggers[3].mask, torch.full((4, 4), 0.5))
+    nan = np.full((4, 4), np.nan, np.float32)
+    for bad in ({"mask": nan}, {"pattern": np.full((1, 4, 4), 2.0, np.float32)}, {"mask": np.ones((3, 4), np.float32)}):
+        with pytest.raises(RepairUnsupportedError, match="class 3"):
+            read_triggers([3], files(**bad).__getitem__)
+    with pytest.raises(RepairUnsupportedError, match="class 4"):
+        read_triggers([4], files().__getitem__)  # missing
+    pickled = io.BytesIO()
+    np.save(pickled, np.array([object()], dtype=object), allow_pickle=True)
+    with pytest.raises(RepairUnsupportedError, match="class 3"):
+        read_triggers([3], {**files(), "nc-class-3-mask.npy": pickled.getvalue()}.__getitem__)
+
+
+def test_a_repair_without_a_trigger_is_refused(tmp_path: Path, repair_files: dict[str, Path]) -> None:
+    with pytest.raises(RepairUnsupportedError, match="nothing to unlearn"):
+        repair_checkpoint(repair_files["model"], repair_files["data"], {}, tmp_path, scan_config=STATE_DICT, device=CPU)
