@@ -21,7 +21,7 @@ from sqlalchemy import CursorResult, Engine, Update, delete, func, select, updat
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.models import REUSABLE, JobStatus, Scan, Worker
+from service.models import REUSABLE, JobKind, JobStatus, Scan, Worker
 
 __all__ = ["FileInfo", "JobStore", "NewScan", "new_scan_id", "utcnow"]
 
@@ -60,6 +60,8 @@ class NewScan:
     dedup_key: str
     idempotency_key: str | None
     callback_url: str | None = None
+    kind: JobKind = JobKind.scan
+    parent_id: str | None = None
 
 
 def _updated(session: Session, statement: Update) -> int:
@@ -119,6 +121,8 @@ class JobStore:
         now = utcnow()
         scan = Scan(
             id=new.id,
+            kind=new.kind,
+            parent_id=new.parent_id,
             status=JobStatus.queued,
             created_at=now,
             updated_at=now,
@@ -164,10 +168,24 @@ class JobStore:
                 .order_by(Scan.created_at.desc(), Scan.id.desc())
             ).first()
 
-    def list_scans(self, status: JobStatus | None, limit: int, offset: int) -> tuple[Sequence[Scan], int]:
+    def get_kind(self, job_id: str, kind: JobKind) -> Scan | None:
+        """The job with this id if it is of this kind (a scan id is not a repair id, and the other way round)."""
+        job = self.get(job_id)
+        return job if job is not None and job.kind == kind else None
+
+    def repairs_of(self, scan_id: str, status: JobStatus | None = None) -> Sequence[Scan]:
+        """The repairs of a scan, newest first."""
         with self._session() as session:
-            query = select(Scan)
-            count = select(func.count()).select_from(Scan)
+            query = select(Scan).where(Scan.kind == JobKind.repair, Scan.parent_id == scan_id)
+            if status is not None:
+                query = query.where(Scan.status == status)
+            return session.scalars(query.order_by(Scan.created_at.desc(), Scan.id)).all()
+
+    def list_scans(self, status: JobStatus | None, limit: int, offset: int) -> tuple[Sequence[Scan], int]:
+        """Scans (not repairs), newest first."""
+        with self._session() as session:
+            query = select(Scan).where(Scan.kind == JobKind.scan)
+            count = select(func.count()).select_from(Scan).where(Scan.kind == JobKind.scan)
             if status is not None:
                 query = query.where(Scan.status == status)
                 count = count.where(Scan.status == status)
@@ -202,13 +220,18 @@ class JobStore:
 
     def counts_by_status(self) -> dict[str, int]:
         with self._session() as session:
-            rows = session.execute(select(Scan.status, func.count()).group_by(Scan.status)).all()
+            rows = session.execute(
+                select(Scan.status, func.count()).where(Scan.kind == JobKind.scan).group_by(Scan.status)
+            ).all()
         return {str(status): int(count) for status, count in rows}
 
     def durations(self) -> list[float]:
         with self._session() as session:
             return [
-                float(d or 0.0) for d in session.scalars(select(Scan.duration_s).where(Scan.duration_s.is_not(None)))
+                float(d or 0.0)
+                for d in session.scalars(
+                    select(Scan.duration_s).where(Scan.duration_s.is_not(None), Scan.kind == JobKind.scan)
+                )
             ]
 
     def live_workers(self, timeout: timedelta) -> int:

@@ -25,7 +25,7 @@ from service.logs import request_id_var
 from service.metrics import Metrics
 from service.problems import document_problems, install_problem_handlers
 from service.queue import ScanQueue
-from service.routes import health, scans
+from service.routes import health, repairs, scans
 
 __all__ = ["create_app"]
 
@@ -95,6 +95,7 @@ def create_app(settings: Settings | None = None, *, queue: ScanQueue | None = No
 
     app.openapi = openapi  # type: ignore[method-assign]
     app.include_router(scans.router)
+    app.include_router(repairs.router)
     app.include_router(health.router)
 
     app.mount("/docs-assets", StaticFiles(directory=_swagger_assets()), name="docs-assets")

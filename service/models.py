@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import Boolean, DateTime, Dialect, Float, Index, Integer, String, Text, TypeDecorator, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["FINISHED", "REUSABLE", "Base", "JobStatus", "Scan", "UTCDateTime", "Worker"]
+__all__ = ["FINISHED", "REUSABLE", "Base", "JobKind", "JobStatus", "Scan", "UTCDateTime", "Worker"]
 
 
 class JobStatus(StrEnum):
@@ -21,6 +21,12 @@ class JobStatus(StrEnum):
     succeeded = "succeeded"
     failed = "failed"
     cancelled = "cancelled"
+
+
+class JobKind(StrEnum):
+    scan = "scan"
+    #: a repair of a succeeded scan's model (:mod:`service.repairs`); its row copies the scan's model fields
+    repair = "repair"
 
 
 FINISHED = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
@@ -52,7 +58,7 @@ class Base(DeclarativeBase):
 
 
 class Scan(Base):
-    """One scan request and everything known about it."""
+    """One job (a scan, or a repair of a scan's model: ``kind``) and everything known about it."""
 
     __tablename__ = "scans"
     __table_args__ = (
@@ -66,6 +72,9 @@ class Scan(Base):
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), index=True, default=JobKind.scan, server_default="scan")
+    #: a repair's scan
+    parent_id: Mapped[str | None] = mapped_column(String(32), index=True)
     status: Mapped[str] = mapped_column(String(16), index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)

@@ -8,20 +8,41 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from scanner.config import ModelOptions, NeuralCleanseConfig, ScanConfig, SpectralConfig, check_mean, check_std
+from scanner.config import (
+    ModelOptions,
+    NeuralCleanseConfig,
+    RepairConfig,
+    ScanConfig,
+    SpectralConfig,
+    check_mean,
+    check_std,
+)
 from scanner.errors import InvalidOptionError
 from scanner.verdict import BACKDOOR_DETECTORS
 
-__all__ = ["MIN_NC_MAX_STEPS", "OptionsError", "ScanOptions", "parse_options", "scan_config"]
+__all__ = [
+    "MAX_ACCURACY_DROP",
+    "MIN_NC_MAX_STEPS",
+    "OptionsError",
+    "RepairOptions",
+    "ScanOptions",
+    "parse_fields",
+    "parse_options",
+    "scan_config",
+]
 
 #: The smallest ``nc_max_steps``: a class's cost schedule needs 5 steps to switch its L1 cost on, 5 more to raise
 #: and 5 to lower it, then 30 without a 2% smaller mask to stop (45 at the very least); the wide-CNN bench classes
 #: stopped after 110 to 160 steps in one round. A limit below that can only end in ``not_converged``.
 MIN_NC_MAX_STEPS = 100
+Options = TypeVar("Options", bound=BaseModel)
+
+#: The loosest accuracy bound a repair accepts: a model that lost more than 10 points is not a repair.
+MAX_ACCURACY_DROP = 0.1
 
 
 def _numbers(value: object, kind: type[int] | type[float], name: str) -> object:
@@ -132,13 +153,22 @@ class OptionsError(InvalidOptionError):
 
 
 def parse_options(values: Mapping[str, object]) -> ScanOptions:
-    """Validate option fields (form fields of the API, or the CLI's flags).
+    """Validate scan option fields (form fields of the API, or the CLI's flags).
+
+    Raises:
+        OptionsError: a field is unknown or invalid.
+    """
+    return parse_fields(ScanOptions, values)
+
+
+def parse_fields(model: type[Options], values: Mapping[str, object]) -> Options:
+    """Validate option fields as ``model`` (:class:`ScanOptions`, :class:`RepairOptions`).
 
     Raises:
         OptionsError: a field is unknown or invalid.
     """
     try:
-        return ScanOptions.model_validate(dict(values))
+        return model.model_validate(dict(values))
     except ValidationError as exc:
         raise OptionsError(
             [
@@ -146,6 +176,22 @@ def parse_options(values: Mapping[str, object]) -> ScanOptions:
                 for error in exc.errors(include_url=False, include_context=False, include_input=False)
             ]
         ) from None
+
+
+class RepairOptions(BaseModel):
+    """Options of one repair (``POST /v1/scans/{id}/repair`` form fields, ``backdoor-scan repair`` flags)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_accuracy_drop: float = Field(
+        default=RepairConfig().max_accuracy_drop,
+        ge=0.0,
+        le=MAX_ACCURACY_DROP,
+        description="the largest loss of held-out clean accuracy (0..1) a repair may cost; more is refused",
+    )
+
+    def config(self) -> RepairConfig:
+        return RepairConfig(max_accuracy_drop=self.max_accuracy_drop)
 
 
 def scan_config(options: ScanOptions) -> ScanConfig:

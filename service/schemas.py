@@ -17,9 +17,11 @@ __all__ = [
     "FilePublic",
     "ModelPublic",
     "ProgressPublic",
+    "RepairPublic",
     "ScanList",
     "ScanPublic",
     "WebhookPublic",
+    "repair_form_schema",
     "upload_form_schema",
 ]
 
@@ -175,3 +177,91 @@ class ScanList(BaseModel):
     total: int
     limit: int
     offset: int
+
+
+class RepairPublic(BaseModel):
+    """A repair of a scan's model as clients see it."""
+
+    id: str
+    scan_id: str = Field(description="the scan whose model is repaired")
+    status: JobStatus
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    progress: ProgressPublic
+    attempts: int
+    model: ModelPublic = Field(description="the scan's model, as uploaded")
+    data: FilePublic | None = Field(description="the clean samples the repair fine-tunes on and measures with")
+    classes: list[int] = Field(description="the flagged classes whose reversed triggers are unlearned")
+    options: dict[str, Any]
+    result: dict[str, Any] | None = Field(
+        description="once succeeded: clean accuracy and the reversed triggers' attack success rate before and after"
+        " (held-out samples), the re-scan's verdict, and the repaired files (see the README)"
+    )
+    error: ErrorPublic | None
+    links: dict[str, str]
+
+    @classmethod
+    def of(cls, repair: Scan) -> RepairPublic:
+        base = f"/v1/repairs/{repair.id}"
+        options = repair.options
+        data = None
+        if repair.data_sha256 is not None:
+            data = FilePublic(
+                filename=repair.data_filename or "", sha256=repair.data_sha256, size_bytes=repair.data_size_bytes or 0
+            )
+        links = {
+            "self": base,
+            "cancel": f"{base}/cancel",
+            "scan": f"/v1/scans/{repair.parent_id}",
+            "artifacts": f"{base}/artifacts/{{name}}",
+        }
+        result = repair.result
+        if result is not None:
+            links.update({name: f"{base}/artifacts/{name}" for name in result.get("files", [])})
+        return cls(
+            id=repair.id,
+            scan_id=repair.parent_id or "",
+            status=JobStatus(repair.status),
+            created_at=repair.created_at,
+            updated_at=repair.updated_at,
+            started_at=repair.started_at,
+            finished_at=repair.finished_at,
+            progress=ProgressPublic(
+                fraction=repair.progress_fraction, stage=repair.progress_stage, message=repair.progress_message
+            ),
+            attempts=repair.attempts,
+            model=ModelPublic(
+                filename=repair.model_filename,
+                sha256=repair.model_sha256,
+                size_bytes=repair.model_size_bytes,
+                format=repair.model_format,
+            ),
+            data=data,
+            classes=list(options.get("classes", [])),
+            options=dict(options.get("repair", {})),
+            result=result,
+            error=ErrorPublic(code=repair.error_code, detail=repair.error_detail or "") if repair.error_code else None,
+            links=links,
+        )
+
+
+def repair_form_schema() -> dict[str, Any]:
+    """The multipart request body of ``POST /v1/scans/{id}/repair`` for the OpenAPI document."""
+    from service.options import RepairOptions
+
+    properties: dict[str, Any] = {
+        "data": {
+            "type": "string",
+            "format": "binary",
+            "description": "clean labelled samples (.npz or ImageFolder .zip); default: the scan's. More samples"
+            " cost less accuracy",
+        }
+    }
+    for name, info in RepairOptions.model_fields.items():
+        properties[name] = {"type": "number", "description": info.description or "", "default": info.default}
+    return {
+        "required": False,
+        "content": {"multipart/form-data": {"schema": {"type": "object", "properties": properties}}},
+    }

@@ -15,17 +15,23 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from scanner.errors import ScanCancelled, ScannerError
 from service.config import Settings
 from service.db import create_db_engine, migrate
 from service.jobs import JobStore
-from service.models import JobStatus, Scan
-from service.options import ScanOptions, scan_config
+from service.models import JobKind, JobStatus, Scan
+from service.options import RepairOptions, ScanOptions, scan_config
 from service.queue import ScanQueue
+from service.repairs import TRIGGERS_DIR
 from service.storage import ScanFiles
 from service.webhooks import WebhookSender
+
+if TYPE_CHECKING:
+    import torch
+
+    from scanner.detectors import Progress
 
 __all__ = ["ScanExecutor", "TimeLimitExceeded", "run_worker"]
 
@@ -140,7 +146,7 @@ class ScanExecutor:
         logger.info("scan started (attempt %d)", scan.attempts, extra=log)
         try:
             with self._heartbeat(scan_id, worker_id):
-                status, fields = self._execute(scan_id, worker_id, scan.options, log)
+                status, fields = self._execute(scan, worker_id, log)
         except WorkerStopping:  # the row stays this worker's: run_worker gives it back once every scan returned
             logger.info("scan interrupted: the worker is stopping", extra=log)
             return
@@ -154,13 +160,10 @@ class ScanExecutor:
         else:
             logger.warning("scan outcome dropped: the scan is no longer this worker's", extra=log)
 
-    def _execute(
-        self, scan_id: str, worker_id: str, options: dict[str, Any], log: dict[str, str]
-    ) -> tuple[JobStatus, dict[str, Any]]:
+    def _execute(self, job: Scan, worker_id: str, log: dict[str, str]) -> tuple[JobStatus, dict[str, Any]]:
         from scanner.device import resolve_device
-        from scanner.pipeline import scan
-        from scanner.render.text import write_artifacts
 
+        scan_id = job.id
         files = ScanFiles(self.settings.scans_dir, scan_id)
         deadline = time.monotonic() + self.settings.scan_time_limit_s
         last_write = 0.0
@@ -171,7 +174,9 @@ class ScanExecutor:
                 raise WorkerStopping("the worker is stopping")
             now = time.monotonic()
             if now > deadline:
-                raise TimeLimitExceeded(f"the scan ran past its time limit of {self.settings.scan_time_limit_s:g} s")
+                raise TimeLimitExceeded(
+                    f"the {job.kind} ran past its time limit of {self.settings.scan_time_limit_s:g} s"
+                )
             if now - last_write < PROGRESS_INTERVAL_S and fraction < 1.0:
                 return
             last_write = now
@@ -179,22 +184,10 @@ class ScanExecutor:
                 raise ScanCancelled("cancelled by request")
 
         try:
-            config = scan_config(ScanOptions.model_validate(options))
             device = resolve_device(self.settings.device)
-            data = files.upload("data")
-            training = files.upload("training_data")
-            verdict = scan(
-                files.upload("model"),
-                config,
-                device,
-                data_path=data if data.exists() else None,
-                training_data_path=training if training.exists() else None,
-                progress=progress,
-            )
-            result = artifact_urls(verdict.to_dict(), f"/v1/scans/{scan_id}/artifacts")
-            names = [path.name for path in write_artifacts(verdict, files.artifacts)]
-            result["artifacts"] = {name: f"/v1/scans/{scan_id}/artifacts/{name}" for name in names}
-            return JobStatus.succeeded, {"result": result, "verdict": verdict.label.value}
+            if job.kind == JobKind.repair:
+                return _repair(job, files, device, progress)
+            return _scan(job, files, device, progress)
         except WorkerStopping:
             raise
         except TimeLimitExceeded as exc:
@@ -209,6 +202,55 @@ class ScanExecutor:
                 "error_code": "internal_error",
                 "error_detail": "the scan hit an internal error; it has been logged",
             }
+
+
+def _scan(job: Scan, files: ScanFiles, device: torch.device, progress: Progress) -> tuple[JobStatus, dict[str, Any]]:
+    from scanner.pipeline import scan
+    from scanner.render.text import write_artifacts
+
+    config = scan_config(ScanOptions.model_validate(job.options))
+    data = files.upload("data")
+    training = files.upload("training_data")
+    verdict = scan(
+        files.upload("model"),
+        config,
+        device,
+        data_path=data if data.exists() else None,
+        training_data_path=training if training.exists() else None,
+        progress=progress,
+    )
+    result = artifact_urls(verdict.to_dict(), f"/v1/scans/{job.id}/artifacts")
+    names = [path.name for path in write_artifacts(verdict, files.artifacts)]
+    result["artifacts"] = {name: f"/v1/scans/{job.id}/artifacts/{name}" for name in names}
+    return JobStatus.succeeded, {"result": result, "verdict": verdict.label.value}
+
+
+def _repair(job: Scan, files: ScanFiles, device: torch.device, progress: Progress) -> tuple[JobStatus, dict[str, Any]]:
+    """Unlearn the scan's reversed triggers (``service.repairs`` linked them into the repair's directory); the
+    repaired files and the re-scan's artifacts become the repair's artifacts."""
+    from scanner.render.text import write_artifacts
+    from scanner.repair import read_triggers, repair_checkpoint
+
+    options = job.options
+    config = scan_config(ScanOptions.model_validate(options["scan"]))
+    repair_config = RepairOptions.model_validate(options["repair"]).config()
+    triggers = read_triggers(options["classes"], lambda name: (files.root / TRIGGERS_DIR / name).read_bytes())
+    report = repair_checkpoint(
+        files.upload("model"),
+        files.upload("data"),
+        triggers,
+        files.artifacts,
+        scan_config=config,
+        config=repair_config,
+        device=device,
+        progress=progress,
+    )
+    base = f"/v1/repairs/{job.id}/artifacts"
+    result = report.to_dict()
+    result["rescan"] = artifact_urls(result["rescan"], base)
+    names = [path.name for path in write_artifacts(report.rescan, files.artifacts)]
+    result["artifacts"] = {name: f"{base}/{name}" for name in (*report.files, *names)}
+    return JobStatus.succeeded, {"result": result, "verdict": report.rescan.label.value}
 
 
 class Reaper:

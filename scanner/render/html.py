@@ -63,6 +63,8 @@ def render_html(
     *,
     title: str | None = None,
     settings: Mapping[str, Any] | None = None,
+    repair: Mapping[str, Any] | None = None,
+    repair_artifacts: Mapping[str, bytes] | None = None,
 ) -> str:
     """One self-contained HTML page for a scan.
 
@@ -73,6 +75,10 @@ def render_html(
         title: what was scanned (e.g. the model's file name), shown under the verdict.
         settings: extra rows for the "Settings and timings" table (scan options, timestamps); values that are not
             strings or numbers are shown as JSON.
+        repair: a repair of the scanned model (:meth:`scanner.repair.RepairReport.to_dict`, with an ``id`` where it
+            has one): a section with its before/after numbers and each repaired class's reversed trigger before and
+            after.
+        repair_artifacts: the repair's artifacts (its re-scan's trigger images) by file name.
 
     Returns:
         The page, an HTML5 document.
@@ -89,6 +95,9 @@ def render_html(
         page.neural_cleanse(_dict(detectors.get("neural_cleanse"))),
         page.spectral(_dict(detectors.get("spectral_signatures"))),
         page.max_margin(_dict(detectors.get("max_margin")), _dict(detectors.get("neural_cleanse"))),
+        _repair_section(repair, page, _Page(repair_artifacts or {}), _dict(detectors.get("neural_cleanse")))
+        if repair
+        else "",
         _settings_section(verdict, detectors, settings or {}),
         _errors_section(_list(verdict.get("errors"))),
         "</main>",
@@ -265,6 +274,52 @@ def _errors_section(errors: list[Any]) -> str:
 
 
 # --- sections with images ----------------------------------------------------------------------------------------
+
+
+def _repair_section(repair: Mapping[str, Any], scan: _Page, repaired: _Page, nc: Mapping[str, Any]) -> str:
+    """Before/after numbers of a repair, and each repaired class's trigger as reversed on the scanned model and on the
+    repaired one (its re-scan)."""
+    accuracy = _dict(repair.get("clean_accuracy"))
+    samples = _dict(repair.get("samples"))
+    rescan = _dict(repair.get("rescan"))
+    rates = _dict(repair.get("trigger_attack_success_rate"))
+    after_nc = _dict(_dict(rescan.get("detectors")).get("neural_cleanse"))
+    before_classes = {str(c.get("class")): c for c in map(_dict, _list(nc.get("classes")))}
+    after_classes = {str(c.get("class")): c for c in map(_dict, _list(after_nc.get("classes")))}
+    outcome = "the re-scan flags nothing" if repair.get("repaired") is True else "the re-scan still flags a class"
+    rows = [
+        (["clean accuracy (held out)", _fmt(accuracy.get("before")), _fmt(accuracy.get("after"))], False),
+        *(
+            (
+                [f"attack success rate of class {_e(target)}'s reversed trigger", _fmt(_dict(rate).get("before")),
+                 _fmt(_dict(rate).get("after"))],
+                True,
+            )
+            for target, rate in rates.items()
+        ),
+        (["re-scan verdict (Neural Cleanse, maximum margin)", "-", _fmt(rescan.get("verdict"))], False),
+    ]  # fmt: skip
+    parts = [
+        '<section id="repair"><h2>Repair</h2>',
+        f"<p>Repair <code>{_e(repair.get('id', ''))}</code>: {_e(repair.get('method', 'unlearning'))} of the reversed"
+        f" trigger(s) of class {_classes(_list(repair.get('classes')))} in {_fmt(repair.get('rounds'))} round(s), "
+        f"fine-tuned on {_fmt(samples.get('fine_tuning'))} clean samples and measured on "
+        f"{_fmt(samples.get('held_out'))} held out; clean accuracy lost {_fmt(accuracy.get('drop'))} (bound "
+        f"{_fmt(accuracy.get('max_drop'))}); {outcome}. Files: {_e(', '.join(map(str, _list(repair.get('files')))))}."
+        "</p>",
+        _table(["", "before", "after"], rows),
+    ]
+    for target in map(str, _list(repair.get("classes"))):
+        before, after = before_classes.get(target, {}), after_classes.get(target, {})
+        parts.append(
+            f"<h3>Class {_e(target)}: the reversed trigger before and after</h3>"
+            f"<figure>{scan.class_image(before, 'mask', f'class {target} mask, scanned model', 'pixel')}"
+            f"<figcaption>scanned model: mask L1 {_fmt(before.get('mask_l1'))}</figcaption></figure>"
+            f"<figure>{repaired.class_image(after, 'mask', f'class {target} mask, repaired model', 'pixel')}"
+            f"<figcaption>repaired model: mask L1 {_fmt(after.get('mask_l1'))}</figcaption></figure>"
+        )
+    parts.append("</section>")
+    return "\n".join(parts)
 
 
 class _Page:

@@ -9,8 +9,8 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse, HTMLResponse
 
 from scanner.render.html import render_html
-from service.deps import ApiKeyDep, StateDep
-from service.models import FINISHED, JobStatus, Scan
+from service.deps import ApiKeyDep, AppState, StateDep
+from service.models import FINISHED, JobKind, JobStatus, Scan
 from service.problems import PROBLEM_JSON, ServiceError
 from service.scans import FILE_FIELDS, TEXT_FIELDS, ScanSubmission
 from service.schemas import ScanList, ScanPublic, upload_form_schema
@@ -25,10 +25,25 @@ def _problem(description: str) -> dict[str, Any]:
 
 _AUTH: dict[int | str, dict[str, Any]] = {401: _problem("missing or invalid API key")}
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: _problem("no such scan")}
-_MEDIA_TYPES = {".png": "image/png", ".npy": "application/octet-stream", ".json": "application/json"}
+_MEDIA_TYPES = {
+    ".png": "image/png",
+    ".npy": "application/octet-stream",
+    ".json": "application/json",
+    ".pt2": "application/octet-stream",
+    ".safetensors": "application/octet-stream",
+}
 #: The report needs nothing from anywhere: no script, no request; images are data: URIs and the CSS is inline.
 _REPORT_POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
 _REPORT_ARTIFACTS = (".png", ".json")  # what the page shows; the .npy arrays stay out of memory
+
+
+def cancel_job(state: AppState, job: Scan | None, what: str) -> Scan | None:
+    """Cancel a job (scan or repair) that has not finished: 409 ``{what}_finished`` when it has."""
+    if job is None:
+        return None
+    if job.status in FINISHED:
+        raise ServiceError(HTTPStatus.CONFLICT, f"{what}_finished", f"the {what} already finished ({job.status})")
+    return state.store.request_cancel(job.id)
 
 
 def _scan_or_404(scan: Scan | None, scan_id: str) -> Scan:
@@ -91,7 +106,7 @@ def list_scans(
 @router.get("/{scan_id}", response_model=ScanPublic, responses={**_AUTH, **_NOT_FOUND})
 def get_scan(scan_id: str, state: StateDep) -> ScanPublic:
     """A scan: status, progress and, once succeeded, the verdict."""
-    return ScanPublic.of(_scan_or_404(state.store.get(scan_id), scan_id))
+    return ScanPublic.of(_scan_or_404(state.store.get_kind(scan_id, JobKind.scan), scan_id))
 
 
 @router.post(
@@ -102,10 +117,7 @@ def get_scan(scan_id: str, state: StateDep) -> ScanPublic:
 )
 def cancel_scan(scan_id: str, state: StateDep) -> ScanPublic:
     """Cancel a scan: a queued one at once, a running one at its next progress point."""
-    scan = _scan_or_404(state.store.get(scan_id), scan_id)
-    if scan.status in FINISHED:
-        raise ServiceError(HTTPStatus.CONFLICT, "scan_finished", f"the scan already finished ({scan.status})")
-    cancelled = _scan_or_404(state.store.request_cancel(scan_id), scan_id)
+    cancelled = _scan_or_404(cancel_job(state, state.store.get_kind(scan_id, JobKind.scan), "scan"), scan_id)
     if cancelled.status == JobStatus.cancelled and cancelled.callback_url:
         state.queue.enqueue_webhook(scan_id)
     return ScanPublic.of(cancelled)
@@ -119,7 +131,7 @@ def cancel_scan(scan_id: str, state: StateDep) -> ScanPublic:
 )
 def delete_scan(scan_id: str, state: StateDep) -> Response:
     """Delete a scan that is not running, with its uploaded files and artifacts."""
-    scan = _scan_or_404(state.store.get(scan_id), scan_id)
+    scan = _scan_or_404(state.store.get_kind(scan_id, JobKind.scan), scan_id)
     if scan.status == JobStatus.running:
         raise ServiceError(HTTPStatus.CONFLICT, "scan_running", "the scan is running: cancel it first, then delete it")
     state.store.delete(scan_id)
@@ -138,10 +150,15 @@ def delete_scan(scan_id: str, state: StateDep) -> Response:
 )
 def get_artifact(scan_id: str, name: str, state: StateDep) -> FileResponse:
     """A file a detector made: trigger mask/pattern PNG and npy, suspicious-sample lists, verdict.json."""
-    _scan_or_404(state.store.get(scan_id), scan_id)
-    path = ScanFiles(state.settings.scans_dir, scan_id).artifact(name)
+    _scan_or_404(state.store.get_kind(scan_id, JobKind.scan), scan_id)
+    return artifact_response(state, scan_id, name, "scan")
+
+
+def artifact_response(state: AppState, job_id: str, name: str, what: str) -> FileResponse:
+    """A job's artifact by its public name (404 ``artifact_not_found`` when it has none of that name)."""
+    path = ScanFiles(state.settings.scans_dir, job_id).artifact(name)
     if path is None or not path.is_file():
-        raise ServiceError(HTTPStatus.NOT_FOUND, "artifact_not_found", f"scan {scan_id} has no artifact {name!r}")
+        raise ServiceError(HTTPStatus.NOT_FOUND, "artifact_not_found", f"{what} {job_id} has no artifact {name!r}")
     return FileResponse(path, media_type=_MEDIA_TYPES.get(path.suffix, "application/octet-stream"))
 
 
@@ -156,18 +173,16 @@ def get_artifact(scan_id: str, name: str, state: StateDep) -> FileResponse:
     },
 )
 def get_report(scan_id: str, state: StateDep) -> HTMLResponse:
-    """The scan's report for people: verdict, recovered triggers, stamped examples, Grad-CAM, charts (one HTML page)."""
-    scan = _scan_or_404(state.store.get(scan_id), scan_id)
+    """The scan's report for people: verdict, recovered triggers, stamped examples, Grad-CAM, charts (one HTML page);
+    with the latest succeeded repair of the scan's model, its before/after numbers."""
+    scan = _scan_or_404(state.store.get_kind(scan_id, JobKind.scan), scan_id)
     if scan.status != JobStatus.succeeded or scan.result is None:
         raise ServiceError(
             HTTPStatus.CONFLICT, "scan_not_finished", f"the scan is {scan.status}: a report exists once it succeeded"
         )
-    directory = ScanFiles(state.settings.scans_dir, scan_id).artifacts
-    artifacts = (
-        {path.name: path.read_bytes() for path in directory.iterdir() if path.suffix in _REPORT_ARTIFACTS}
-        if directory.is_dir()
-        else {}
-    )
+    artifacts = _report_artifacts(state, scan_id)
+    repairs = state.store.repairs_of(scan_id, JobStatus.succeeded)
+    repair = {"id": repairs[0].id, **(repairs[0].result or {})} if repairs else None
     settings: dict[str, Any] = {
         "scan id": scan.id,
         "model file": scan.model_filename,
@@ -181,5 +196,20 @@ def get_report(scan_id: str, state: StateDep) -> HTMLResponse:
     }
     if scan.started_at and scan.finished_at:
         settings["scan duration (s)"] = round((scan.finished_at - scan.started_at).total_seconds(), 3)
-    page = render_html(scan.result, artifacts, title=scan.model_filename, settings=settings)
+    page = render_html(
+        scan.result,
+        artifacts,
+        title=scan.model_filename,
+        settings=settings,
+        repair=repair,
+        repair_artifacts=_report_artifacts(state, repairs[0].id) if repairs else None,
+    )
     return HTMLResponse(page, headers={"Content-Security-Policy": _REPORT_POLICY, "X-Content-Type-Options": "nosniff"})
+
+
+def _report_artifacts(state: AppState, job_id: str) -> dict[str, bytes]:
+    """What a report page shows of a job's artifacts (images, JSON; the .npy arrays and models stay on disk)."""
+    directory = ScanFiles(state.settings.scans_dir, job_id).artifacts
+    if not directory.is_dir():
+        return {}
+    return {path.name: path.read_bytes() for path in directory.iterdir() if path.suffix in _REPORT_ARTIFACTS}
