@@ -18,8 +18,10 @@ import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -79,17 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     scan = commands.add_parser("scan", help="scan a checkpoint locally (no server)")
-    scan.add_argument("model", type=_existing_file, help="checkpoint: .pt2, safetensors, torch.save state_dict")
-    scan.add_argument("--arch", help="architecture for state_dicts (mnist_cnn, cifar_cnn, resnet18, ...)")
-    scan.add_argument("--num-classes", type=int, help="class count for --arch (default: read from the weights)")
-    scan.add_argument("--input-shape", type=_shape, metavar="C,H,W", help="shape of one input image")
+    _add_model_flags(scan)
     scan.add_argument("--data", type=_existing_file, metavar="FILE", help="clean samples (.npz or ImageFolder .zip)")
     scan.add_argument("--training-data", type=_existing_file, metavar="FILE", help="training set to inspect")
-    scan.add_argument("--mean", type=_floats, metavar="M1,M2,..", help="per-channel normalisation mean")
-    scan.add_argument("--std", type=_floats, metavar="S1,S2,..", help="per-channel normalisation std")
     scan.add_argument("--trust-code", action="store_true", help="allow TorchScript, which runs code when loaded")
-    scan.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    scan.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     _add_detector_flags(scan)
     scan.add_argument(
         "--format", choices=("json", "text", "sarif"), default="text", help="report format (default: text)"
@@ -101,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     scan.set_defaults(handler=_cmd_scan)
 
     _add_submit_parser(commands)
+    _add_repair_parser(commands)
 
     serve = commands.add_parser("serve", help="run the API with embedded workers (settings: BDS_* variables)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
@@ -113,6 +109,54 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--threads", type=int, help="scans this process runs at a time (default: BDS_WORKER_THREADS)")
     worker.set_defaults(handler=_cmd_worker)
     return parser
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """The model file and how to load it (``scan`` and ``repair``)."""
+    parser.add_argument("model", type=_existing_file, help="checkpoint: .pt2, safetensors, torch.save state_dict")
+    parser.add_argument("--arch", help="architecture for state_dicts (mnist_cnn, cifar_cnn, resnet18, ...)")
+    parser.add_argument("--num-classes", type=int, help="class count for --arch (default: read from the weights)")
+    parser.add_argument("--input-shape", type=_shape, metavar="C,H,W", help="shape of one input image")
+    parser.add_argument("--mean", type=_floats, metavar="M1,M2,..", help="per-channel normalisation mean")
+    parser.add_argument("--std", type=_floats, metavar="S1,S2,..", help="per-channel normalisation std")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+
+
+def _add_repair_parser(commands: Any) -> None:
+    from scanner.config import RepairConfig
+
+    repair = commands.add_parser(
+        "repair",
+        help="remove a backdoor locally: scan with Neural Cleanse, unlearn the reversed triggers, re-scan",
+        description="Scan MODEL with Neural Cleanse on --data; fine-tune it on --data with each flagged class's "
+        "reversed trigger stamped on (unlearning), check it on held-out samples, write it to --output (.pt2; "
+        "a state_dict input also gets a .safetensors beside it) and scan the written file again. Exit 0: repaired "
+        "(the re-scan flags nothing) or nothing to repair; 1: the re-scan still flags a class (the file is written); "
+        "2: an error, or a repair that cost more clean accuracy than --max-accuracy-drop (nothing written).",
+    )
+    _add_model_flags(repair)
+    repair.add_argument(
+        "--data",
+        type=_existing_file,
+        metavar="FILE",
+        required=True,
+        help="clean labelled samples (.npz or ImageFolder .zip); the more the better (500 or more)",
+    )
+    repair.add_argument("--output", type=Path, metavar="FILE.pt2", required=True, help="where the repaired model goes")
+    repair.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=RepairConfig().max_accuracy_drop,
+        metavar="X",
+        help=f"refuse a repair that costs more held-out clean accuracy than this (0..0.1; default "
+        f"{RepairConfig().max_accuracy_drop})",
+    )
+    repair.add_argument("--format", choices=("json", "text"), default="text", help="summary format (default: text)")
+    repair.add_argument(
+        "--report", type=Path, metavar="FILE.html", help="write the HTML report with its repair section here"
+    )
+    repair.set_defaults(handler=_cmd_repair, trust_code=False)
 
 
 def _add_detector_flags(parser: argparse.ArgumentParser) -> None:
@@ -391,7 +435,7 @@ def scan_options(args: argparse.Namespace) -> ScanOptions:
     """
     from service.options import parse_options
 
-    return parse_options({name: value for name in OPTION_FLAGS if (value := getattr(args, name)) is not None})
+    return parse_options({name: value for name in OPTION_FLAGS if (value := getattr(args, name, None)) is not None})
 
 
 def _cmd_scan(args: argparse.Namespace) -> int:
@@ -427,6 +471,88 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     else:
         print(render_text(verdict.to_dict(), args.model.name))
     return EXIT_FINDINGS if verdict.has_findings else EXIT_CLEAN
+
+
+def _cmd_repair(args: argparse.Namespace) -> int:
+    from scanner import resolve_device, scan
+    from scanner.repair import REPAIRED_PT2, REPAIRED_SAFETENSORS, read_triggers, repair_checkpoint
+    from service.options import RepairOptions, parse_fields, scan_config
+
+    options = scan_options(args)
+    repair_options = parse_fields(RepairOptions, {"max_accuracy_drop": args.max_accuracy_drop})
+    config = replace(scan_config(options), detectors=("neural_cleanse",))
+    device = resolve_device(args.device)
+
+    def progress(fraction: float, stage: str, message: str) -> None:
+        logger.info("%3.0f%% %s: %s", 100 * fraction, stage, message)
+
+    verdict = scan(args.model, config, device, data_path=args.data, progress=progress)
+    found = verdict.detectors["neural_cleanse"]
+    if found.status.value == "error":
+        _fail(found.code or "scanner_error", f"Neural Cleanse could not decide, so there is no trigger to unlearn: "
+              f"{found.detail}")  # fmt: skip
+    if not found.flagged_classes:
+        print(
+            f"backdoor-scan: Neural Cleanse flagged no class of {args.model.name}: nothing to repair, nothing written"
+        )
+        return EXIT_CLEAN
+    triggers = read_triggers(found.flagged_classes, found.artifacts.__getitem__)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=args.output.parent, prefix=".repair-") as work:
+        report = repair_checkpoint(
+            args.model,
+            args.data,
+            triggers,
+            Path(work),
+            scan_config=scan_config(options),
+            config=repair_options.config(),
+            device=device,
+            progress=progress,
+        )
+        written = [args.output]
+        os.replace(Path(work) / REPAIRED_PT2, args.output)
+        if REPAIRED_SAFETENSORS in report.files:
+            written.append(args.output.with_suffix(".safetensors"))
+            os.replace(Path(work) / REPAIRED_SAFETENSORS, written[-1])
+    summary = report.to_dict()
+    summary["files"] = [str(path) for path in written]
+    if args.report is not None:
+        from scanner.render.html import render_html
+
+        artifacts = {name: data for result in verdict.detectors.values() for name, data in result.artifacts.items()}
+        rescan_artifacts = {name: data for r in report.rescan.detectors.values() for name, data in r.artifacts.items()}
+        page = render_html(
+            verdict.to_dict(),
+            artifacts,
+            title=args.model.name,
+            settings={"model file": args.model.name, "clean samples (data)": args.data.name},
+            repair=summary,
+            repair_artifacts=rescan_artifacts,
+        )
+        args.report.write_text(page, encoding="utf-8")
+    if args.format == "json":
+        print(json.dumps(summary, indent=2))
+    else:
+        print(_repair_text(summary))
+    return EXIT_CLEAN if report.repaired else EXIT_FINDINGS
+
+
+def _repair_text(summary: dict[str, Any]) -> str:
+    accuracy = summary["clean_accuracy"]
+    lines = [
+        f"repaired: {'yes' if summary['repaired'] else 'no, the re-scan still flags a class'}"
+        f" ({summary['rounds']} round(s) of unlearning the reversed trigger of class"
+        f" {', '.join(map(str, summary['classes']))})",
+        f"clean accuracy (held out, {summary['samples']['held_out']} samples): {accuracy['before']:.3f} ->"
+        f" {accuracy['after']:.3f} (bound: {accuracy['max_drop']} lost at most)",
+    ]
+    for target, rate in summary["trigger_attack_success_rate"].items():
+        lines.append(f"class {target}'s reversed trigger, attack success rate: {rate['before']} -> {rate['after']}")
+    rescan = summary["rescan"]
+    flagged = ", ".join(map(str, rescan["flagged_classes"])) or "none"
+    lines.append(f"re-scan of the written model: {rescan['verdict']} (flagged classes: {flagged})")
+    lines.append(f"written: {', '.join(summary['files'])}")
+    return "\n".join(lines)
 
 
 def _write_report(verdict: Verdict, args: argparse.Namespace, options: ScanOptions) -> None:

@@ -286,6 +286,7 @@ def _repair_section(repair: Mapping[str, Any], scan: _Page, repaired: _Page, nc:
     after_nc = _dict(_dict(rescan.get("detectors")).get("neural_cleanse"))
     before_classes = {str(c.get("class")): c for c in map(_dict, _list(nc.get("classes")))}
     after_classes = {str(c.get("class")): c for c in map(_dict, _list(after_nc.get("classes")))}
+    named = f"Repair <code>{_e(repair.get('id'))}</code>: " if repair.get("id") else ""
     outcome = "the re-scan flags nothing" if repair.get("repaired") is True else "the re-scan still flags a class"
     rows = [
         (["clean accuracy (held out)", _fmt(accuracy.get("before")), _fmt(accuracy.get("after"))], False),
@@ -301,7 +302,7 @@ def _repair_section(repair: Mapping[str, Any], scan: _Page, repaired: _Page, nc:
     ]  # fmt: skip
     parts = [
         '<section id="repair"><h2>Repair</h2>',
-        f"<p>Repair <code>{_e(repair.get('id', ''))}</code>: {_e(repair.get('method', 'unlearning'))} of the reversed"
+        f"<p>{named}{_e(repair.get('method', 'unlearning')).capitalize()} of the reversed"
         f" trigger(s) of class {_classes(_list(repair.get('classes')))} in {_fmt(repair.get('rounds'))} round(s), "
         f"fine-tuned on {_fmt(samples.get('fine_tuning'))} clean samples and measured on "
         f"{_fmt(samples.get('held_out'))} held out; clean accuracy lost {_fmt(accuracy.get('drop'))} (bound "

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from scanner.config import ModelOptions
 from scanner.testing.mnist import MnistSplit
 from service.cli import main
 from tests.factories import BadNetsModel, to_uint8, write_npz
@@ -277,3 +278,72 @@ def test_a_backdoored_checkpoint_alone_fails_the_gate(
     assert verdict["detectors"]["neural_cleanse"]["status"] == "skipped"
     assert verdict["detectors"]["max_margin"]["flagged_classes"] == [badnets.target]
     assert (artifacts / f"mm-class-{badnets.target}-input.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.slow  # a scan, a repair and a re-scan (~1.5 min on 2 cores); the REST test covers the same path
+def test_repair_gives_back_a_model_that_scans_clean(
+    badnets: BadNetsModel, mnist: MnistSplit, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``backdoor-scan repair`` on a state_dict: the .pt2 and the .safetensors are written, the real trigger is gone."""
+    from scanner.loading import load_model
+    from scanner.trigger import attack_success_rate
+
+    model_path = tmp_path / "badnets.safetensors"
+    save_file(badnets.model.state_dict(), str(model_path))
+    data = write_npz(tmp_path / "clean.npz", to_uint8(mnist.test_images[:500]), mnist.test_labels[:500].numpy())
+    output, report = tmp_path / "out" / "fixed.pt2", tmp_path / "repair.html"
+    argv = ["repair", str(model_path), "--arch", "mnist_cnn", "--data", str(data), "--output", str(output)]
+    code, out, err = run_cli([*argv, "--device", "cpu", "--format", "json", "--report", str(report)], capsys)
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["repaired"] is True
+    assert summary["classes"] == [badnets.target]
+    assert summary["files"] == [str(output), str(output.with_suffix(".safetensors"))]
+    assert summary["rescan"]["verdict"] == "clean"
+    repaired = load_model(output, ModelOptions(), torch.device("cpu")).module
+    unseen_images, unseen_labels = mnist.test_images[500:], mnist.test_labels[500:]
+    cpu = torch.device("cpu")
+    assert (
+        attack_success_rate(repaired, unseen_images, unseen_labels, badnets.trigger, badnets.target, device=cpu) < 0.1
+    )
+    weights = load_model(output.with_suffix(".safetensors"), ModelOptions(arch="mnist_cnn"), cpu).module
+    assert torch.allclose(repaired(unseen_images[:8]), weights(unseen_images[:8]), atol=1e-4)
+    page = report.read_text()
+    assert 'id="repair"' in page
+    assert "the re-scan flags nothing" in page
+    assert not list(output.parent.glob(".repair-*"))  # the work directory is gone
+
+
+@pytest.mark.slow  # a whole Neural Cleanse scan
+def test_repair_of_a_clean_model_writes_nothing(
+    clean_model: torch.nn.Module, mnist: MnistSplit, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model_path = tmp_path / "clean.safetensors"
+    save_file(clean_model.state_dict(), str(model_path))
+    data = write_npz(tmp_path / "clean.npz", to_uint8(mnist.test_images[:200]), mnist.test_labels[:200].numpy())
+    output = tmp_path / "fixed.pt2"
+    argv = ["repair", str(model_path), "--arch", "mnist_cnn", "--data", str(data), "--output", str(output)]
+    code, out, err = run_cli([*argv, "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert "nothing to repair" in out
+    assert not output.exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--max-accuracy-drop", "0.5"], "[invalid_option]"),
+        (["--max-accuracy-drop", "nan"], "[invalid_option]"),
+        (["--mean", "0.5"], "[invalid_option]"),
+    ],
+)
+def test_repair_bad_options_exit_2(
+    argv: list[str], message: str, mnist_safetensors: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = write_npz(tmp_path / "clean.npz", np.zeros((4, 28, 28), np.uint8), np.arange(4))
+    base = ["repair", str(mnist_safetensors), "--arch", "mnist_cnn", "--data", str(data), "--output", "x.pt2"]
+    status, _, err = run_cli([*base, *argv], capsys)
+    assert status == 2
+    assert message in err
+    assert "Traceback" not in err
+    assert not Path("x.pt2").exists()
