@@ -14,13 +14,13 @@ from service.deps import ApiKeyDep, AppState, StateDep
 from service.models import JobKind, Scan
 from service.problems import ServiceError
 from service.repairs import REPAIR_FILE_FIELDS, REPAIR_TEXT_FIELDS, RepairRequest
-from service.routes.scans import _AUTH, _problem, artifact_response, cancel_job
+from service.routes.common import AUTH_RESPONSES, artifact_response, cancel_job, problem_response
 from service.schemas import RepairPublic, repair_form_schema
 from service.storage import MAX_FIELD_BYTES, ParsedUpload, parse_upload
 
 router = APIRouter(tags=["repairs"], dependencies=[ApiKeyDep])
 
-_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: _problem("no such repair")}
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: problem_response("no such repair")}
 
 
 def _repair_or_404(repair: Scan | None, repair_id: str) -> Scan:
@@ -36,12 +36,14 @@ def _repair_or_404(repair: Scan | None, repair_id: str) -> Scan:
     openapi_extra={"requestBody": repair_form_schema()},
     responses={
         200: {"description": "the same repair was already asked for: the existing one", "model": RepairPublic},
-        **_AUTH,
-        404: _problem("no such scan"),
-        409: _problem("the scan has not succeeded, or Neural Cleanse flagged no class (nothing to unlearn)"),
-        413: _problem("the data file is larger than BDS_MAX_UPLOAD_MB"),
-        415: _problem("a body that is not multipart/form-data"),
-        422: _problem("invalid options, no clean samples, or a model the repair cannot give back (TorchScript)"),
+        **AUTH_RESPONSES,
+        404: problem_response("no such scan"),
+        409: problem_response("the scan has not succeeded, or Neural Cleanse flagged no class (nothing to unlearn)"),
+        413: problem_response("the data file is larger than BDS_MAX_UPLOAD_MB"),
+        415: problem_response("a body that is neither multipart/form-data nor a URL-encoded form"),
+        422: problem_response(
+            "invalid options, no clean samples, or a model the repair cannot give back (TorchScript)"
+        ),
     },
 )
 async def create_repair(scan_id: str, request: Request, response: Response, state: StateDep) -> RepairPublic:
@@ -95,13 +97,13 @@ async def _repair_body(request: Request, request_: RepairRequest, state: AppStat
     return ParsedUpload()
 
 
-@router.get("/v1/scans/{scan_id}/repairs", response_model=list[RepairPublic], responses={**_AUTH})
+@router.get("/v1/scans/{scan_id}/repairs", response_model=list[RepairPublic], responses={**AUTH_RESPONSES})
 def list_repairs(scan_id: str, state: StateDep) -> list[RepairPublic]:
     """The repairs of a scan, newest first (empty for an unknown scan)."""
     return [RepairPublic.of(repair) for repair in state.store.repairs_of(scan_id)]
 
 
-@router.get("/v1/repairs/{repair_id}", response_model=RepairPublic, responses={**_AUTH, **_NOT_FOUND})
+@router.get("/v1/repairs/{repair_id}", response_model=RepairPublic, responses={**AUTH_RESPONSES, **_NOT_FOUND})
 def get_repair(repair_id: str, state: StateDep) -> RepairPublic:
     """A repair: status, progress and, once succeeded, the before/after numbers and the re-scan."""
     return RepairPublic.of(_repair_or_404(state.store.get_kind(repair_id, JobKind.repair), repair_id))
@@ -111,7 +113,7 @@ def get_repair(repair_id: str, state: StateDep) -> RepairPublic:
     "/v1/repairs/{repair_id}/cancel",
     status_code=HTTPStatus.ACCEPTED,
     response_model=RepairPublic,
-    responses={**_AUTH, **_NOT_FOUND, 409: _problem("the repair already finished")},
+    responses={**AUTH_RESPONSES, **_NOT_FOUND, 409: problem_response("the repair already finished")},
 )
 def cancel_repair(repair_id: str, state: StateDep) -> RepairPublic:
     """Cancel a repair: a queued one at once, a running one at its next progress point."""
@@ -123,8 +125,8 @@ def cancel_repair(repair_id: str, state: StateDep) -> RepairPublic:
     "/v1/repairs/{repair_id}/artifacts/{name}",
     response_class=FileResponse,
     responses={
-        **_AUTH,
-        404: _problem("no such repair or artifact"),
+        **AUTH_RESPONSES,
+        404: problem_response("no such repair or artifact"),
         200: {"content": {"application/octet-stream": {}, "image/png": {}, "application/json": {}}},
     },
 )

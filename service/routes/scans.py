@@ -10,8 +10,9 @@ from fastapi.responses import FileResponse, HTMLResponse
 
 from scanner.render.html import render_html
 from service.deps import ApiKeyDep, AppState, StateDep
-from service.models import FINISHED, JobKind, JobStatus, Scan
-from service.problems import PROBLEM_JSON, ServiceError
+from service.models import JobKind, JobStatus, Scan
+from service.problems import ServiceError
+from service.routes.common import AUTH_RESPONSES, artifact_response, cancel_job, problem_response
 from service.scans import FILE_FIELDS, TEXT_FIELDS, ScanSubmission
 from service.schemas import ScanList, ScanPublic, upload_form_schema
 from service.storage import ScanFiles, parse_upload
@@ -19,31 +20,10 @@ from service.storage import ScanFiles, parse_upload
 router = APIRouter(prefix="/v1/scans", tags=["scans"], dependencies=[ApiKeyDep])
 
 
-def _problem(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {PROBLEM_JSON: {}}}
-
-
-_AUTH: dict[int | str, dict[str, Any]] = {401: _problem("missing or invalid API key")}
-_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: _problem("no such scan")}
-_MEDIA_TYPES = {
-    ".png": "image/png",
-    ".npy": "application/octet-stream",
-    ".json": "application/json",
-    ".pt2": "application/octet-stream",
-    ".safetensors": "application/octet-stream",
-}
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: problem_response("no such scan")}
 #: The report needs nothing from anywhere: no script, no request; images are data: URIs and the CSS is inline.
 _REPORT_POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
 _REPORT_ARTIFACTS = (".png", ".json")  # what the page shows; the .npy arrays stay out of memory
-
-
-def cancel_job(state: AppState, job: Scan | None, what: str) -> Scan | None:
-    """Cancel a job (scan or repair) that has not finished: 409 ``{what}_finished`` when it has."""
-    if job is None:
-        return None
-    if job.status in FINISHED:
-        raise ServiceError(HTTPStatus.CONFLICT, f"{what}_finished", f"the {what} already finished ({job.status})")
-    return state.store.request_cancel(job.id)
 
 
 def _scan_or_404(scan: Scan | None, scan_id: str) -> Scan:
@@ -59,11 +39,11 @@ def _scan_or_404(scan: Scan | None, scan_id: str) -> Scan:
     openapi_extra={"requestBody": upload_form_schema()},
     responses={
         200: {"description": "the same upload was already submitted: the existing scan", "model": ScanPublic},
-        **_AUTH,
-        403: _problem("trust_code asked for, but the server does not allow TorchScript"),
-        413: _problem("a file is larger than BDS_MAX_UPLOAD_MB"),
-        415: _problem("not multipart/form-data, or an unsupported model format"),
-        422: _problem("invalid options, or a model file that is unsafe, corrupt or empty"),
+        **AUTH_RESPONSES,
+        403: problem_response("trust_code asked for, but the server does not allow TorchScript"),
+        413: problem_response("a file is larger than BDS_MAX_UPLOAD_MB"),
+        415: problem_response("not multipart/form-data, or an unsupported model format"),
+        422: problem_response("invalid options, or a model file that is unsafe, corrupt or empty"),
     },
 )
 async def create_scan(
@@ -91,7 +71,7 @@ async def create_scan(
     return ScanPublic.of(scan)
 
 
-@router.get("", response_model=ScanList, responses=_AUTH)
+@router.get("", response_model=ScanList, responses=AUTH_RESPONSES)
 def list_scans(
     state: StateDep,
     status: Annotated[JobStatus | None, Query(description="only scans with this status")] = None,
@@ -103,7 +83,7 @@ def list_scans(
     return ScanList(items=[ScanPublic.of(row) for row in rows], total=total, limit=limit, offset=offset)
 
 
-@router.get("/{scan_id}", response_model=ScanPublic, responses={**_AUTH, **_NOT_FOUND})
+@router.get("/{scan_id}", response_model=ScanPublic, responses={**AUTH_RESPONSES, **_NOT_FOUND})
 def get_scan(scan_id: str, state: StateDep) -> ScanPublic:
     """A scan: status, progress and, once succeeded, the verdict."""
     return ScanPublic.of(_scan_or_404(state.store.get_kind(scan_id, JobKind.scan), scan_id))
@@ -113,7 +93,7 @@ def get_scan(scan_id: str, state: StateDep) -> ScanPublic:
     "/{scan_id}/cancel",
     status_code=HTTPStatus.ACCEPTED,
     response_model=ScanPublic,
-    responses={**_AUTH, **_NOT_FOUND, 409: _problem("the scan already finished")},
+    responses={**AUTH_RESPONSES, **_NOT_FOUND, 409: problem_response("the scan already finished")},
 )
 def cancel_scan(scan_id: str, state: StateDep) -> ScanPublic:
     """Cancel a scan: a queued one at once, a running one at its next progress point."""
@@ -127,7 +107,7 @@ def cancel_scan(scan_id: str, state: StateDep) -> ScanPublic:
     "/{scan_id}",
     status_code=HTTPStatus.NO_CONTENT,
     response_class=Response,
-    responses={**_AUTH, **_NOT_FOUND, 409: _problem("the scan is running: cancel it first")},
+    responses={**AUTH_RESPONSES, **_NOT_FOUND, 409: problem_response("the scan is running: cancel it first")},
 )
 def delete_scan(scan_id: str, state: StateDep) -> Response:
     """Delete a scan that is not running, with its uploaded files and artifacts."""
@@ -143,8 +123,8 @@ def delete_scan(scan_id: str, state: StateDep) -> Response:
     "/{scan_id}/artifacts/{name}",
     response_class=FileResponse,
     responses={
-        **_AUTH,
-        404: _problem("no such scan or artifact"),
+        **AUTH_RESPONSES,
+        404: problem_response("no such scan or artifact"),
         200: {"content": {"image/png": {}, "application/octet-stream": {}, "application/json": {}}},
     },
 )
@@ -154,21 +134,13 @@ def get_artifact(scan_id: str, name: str, state: StateDep) -> FileResponse:
     return artifact_response(state, scan_id, name, "scan")
 
 
-def artifact_response(state: AppState, job_id: str, name: str, what: str) -> FileResponse:
-    """A job's artifact by its public name (404 ``artifact_not_found`` when it has none of that name)."""
-    path = ScanFiles(state.settings.scans_dir, job_id).artifact(name)
-    if path is None or not path.is_file():
-        raise ServiceError(HTTPStatus.NOT_FOUND, "artifact_not_found", f"{what} {job_id} has no artifact {name!r}")
-    return FileResponse(path, media_type=_MEDIA_TYPES.get(path.suffix, "application/octet-stream"))
-
-
 @router.get(
     "/{scan_id}/report",
     response_class=HTMLResponse,
     responses={
-        **_AUTH,
+        **AUTH_RESPONSES,
         **_NOT_FOUND,
-        409: _problem("the scan has not succeeded (queued, running, failed or cancelled)"),
+        409: problem_response("the scan has not succeeded (queued, running, failed or cancelled)"),
         200: {"description": "a self-contained HTML page", "content": {"text/html": {}}},
     },
 )
