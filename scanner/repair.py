@@ -34,7 +34,7 @@ from torch.nn import functional as F
 from scanner.classifier import NormalizedClassifier, check_samples, predict, with_normalization
 from scanner.config import ModelOptions, RepairConfig, ScanConfig
 from scanner.detectors import Progress
-from scanner.errors import ScannerError
+from scanner.errors import InvalidDataError, ScannerError
 from scanner.loading import load_model, load_samples
 from scanner.loading.exported import ExportedClassifier
 from scanner.loading.state_dict import STATE_DICT_FORMATS
@@ -44,6 +44,7 @@ from scanner.trigger import Trigger, attack_success_rate
 from scanner.verdict import Verdict
 
 __all__ = [
+    "MIN_SAMPLES",
     "REPAIRED_PT2",
     "REPAIRED_SAFETENSORS",
     "RESCAN_DETECTORS",
@@ -140,7 +141,7 @@ def unlearn(
         device: where the model runs.
         seed: seeds the split, the batch order and the stamped rows (CPU generators).
         extra: more triggers to stamp (a re-scan of a repaired model reversed them), not measured.
-        progress: called with ``(fraction, message)`` once per epoch (it may raise to stop).
+        progress: called with ``(fraction, message)`` before every batch (it may raise to stop).
 
     Returns:
         The repaired copy and the before/after numbers on the held-out samples.
@@ -181,6 +182,7 @@ def unlearn(
                     trigger, batch_images[rows.to(batch_images.device)], config.stamp_shift, generator
                 )
         for start in range(0, len(shuffled), config.batch_size):
+            report((epoch + start / len(shuffled)) / config.epochs, f"unlearning: epoch {epoch + 1} of {config.epochs}")
             rows = shuffled[start : start + config.batch_size]
             x = batch_images[rows.to(batch_images.device)].to(device)
             y = train_labels[rows.to(train_labels.device)].to(device)
@@ -227,6 +229,8 @@ class RepairUnsupportedError(ScannerError):
     code = "repair_unsupported"
 
 
+#: Fewer clean samples cannot be split into a fine-tuning part and a held-out part that measures anything.
+MIN_SAMPLES = 50
 #: The files a repair writes into its output directory.
 REPAIRED_PT2 = "repaired.pt2"
 REPAIRED_SAFETENSORS = "repaired.safetensors"
@@ -389,6 +393,10 @@ def repair_checkpoint(
         max_samples=config.max_samples,
         seed=scan_config.seed,
     )
+    if len(samples.labels) < MIN_SAMPLES:
+        raise InvalidDataError(
+            f"a repair needs at least {MIN_SAMPLES} clean samples (500 or more is better), got {len(samples.labels)}"
+        )
     check_samples(model, samples.images, samples.labels, num_classes=loaded.num_classes, device=device)
     input_shape = loaded.input_shape or _image_shape(samples.images)
     images, labels = samples.images.to(device), samples.labels.to(device)

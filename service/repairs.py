@@ -118,7 +118,12 @@ class RepairRequest:
                     "a repair fine-tunes on clean labelled samples: send a 'data' file (the scan had none)",
                 )
             data = FileInfo(scan.data_filename or "data", scan.data_sha256, scan.data_size_bytes or 0)
-            _link(source.upload("data"), self.files.upload("data"))
+            try:
+                _link(source.upload("data"), self.files.upload("data"))
+            except OSError:
+                raise ServiceError(
+                    HTTPStatus.UNPROCESSABLE_ENTITY, "missing_data", "the scan's clean samples are gone: send 'data'"
+                ) from None
         stored = options.model_dump(mode="json")
         key = hashlib.sha256(
             json.dumps({"repair_of": scan.id, "data": data.sha256, "options": stored}, sort_keys=True).encode()
@@ -126,11 +131,18 @@ class RepairRequest:
         existing = state.store.reusable(key)
         if existing is not None:
             return existing, False
-        _link(source.upload("model"), self.files.upload("model"))
-        for target in classes:
-            for kind in ("mask", "pattern"):
-                name = f"nc-class-{target}-{kind}.npy"
-                _link(source.artifacts / name, self.files.root / TRIGGERS_DIR / name)
+        try:
+            _link(source.upload("model"), self.files.upload("model"))
+            for target in classes:
+                for kind in ("mask", "pattern"):
+                    name = f"nc-class-{target}-{kind}.npy"
+                    _link(source.artifacts / name, self.files.root / TRIGGERS_DIR / name)
+        except OSError:
+            raise ServiceError(
+                HTTPStatus.UNPROCESSABLE_ENTITY,
+                "repair_unsupported",
+                "the scan's model or reversed triggers are no longer on the server: scan the model again",
+            ) from None
         options_json: dict[str, Any] = {"scan": scan.options, "repair": stored, "classes": classes}
         repair, created = state.store.create(
             NewScan(

@@ -14,9 +14,10 @@ import torch
 from safetensors.torch import save_file
 
 from scanner.config import ModelOptions, ScanConfig
-from scanner.errors import InvalidOptionError
+from scanner.errors import InvalidDataError, InvalidOptionError
 from scanner.loading import load_model
 from scanner.repair import (
+    MIN_SAMPLES,
     REPAIRED_PT2,
     REPAIRED_SAFETENSORS,
     RESCAN_DETECTORS,
@@ -185,3 +186,15 @@ def test_triggers_are_read_only_from_sound_arrays(tmp_path: Path) -> None:
 def test_a_repair_without_a_trigger_is_refused(tmp_path: Path, repair_files: dict[str, Path]) -> None:
     with pytest.raises(RepairUnsupportedError, match="nothing to unlearn"):
         repair_checkpoint(repair_files["model"], repair_files["data"], {}, tmp_path, scan_config=STATE_DICT, device=CPU)
+
+
+def test_a_repair_needs_enough_clean_samples(
+    tmp_path: Path, mnist: MnistSplit, badnets: BadNetsModel, repair_files: dict[str, Path]
+) -> None:
+    few = write_npz(
+        tmp_path / "few.npz", to_uint8(mnist.test_images[: MIN_SAMPLES - 1]), mnist.test_labels[: MIN_SAMPLES - 1]
+    )
+    with pytest.raises(InvalidDataError, match=f"at least {MIN_SAMPLES} clean samples"):
+        repair_checkpoint(
+            repair_files["model"], few, {badnets.target: badnets.trigger}, tmp_path, scan_config=STATE_DICT, device=CPU
+        )

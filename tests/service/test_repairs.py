@@ -12,6 +12,9 @@ import httpx
 from fastapi.testclient import TestClient
 
 from scanner.testing.mnist import MnistSplit
+from service.jobs import FileInfo, NewScan, new_scan_id
+from service.models import JobStatus
+from service.storage import ScanFiles
 from tests.factories import BadNetsModel, to_uint8, write_npz
 from tests.servers import wait_for
 from tests.service.conftest import AUTH, Server, assert_problem, post_scan, submit
@@ -131,3 +134,45 @@ def test_a_clean_verdict_has_nothing_to_repair(
     assert scan["status"] == "succeeded", scan
     body = assert_problem(client.post(f"/v1/scans/{scan['id']}/repair", headers=AUTH), 409, "nothing_to_repair")
     assert "Neural Cleanse flagged no class" in body["detail"]
+
+
+def _succeeded_scan(client: TestClient, model_format: str = "pt2", data: bool = True) -> str:
+    """A scan row that succeeded with Neural Cleanse flagging class 0, made directly in the job table (no files
+    but the uploads the flags ask for): for the refusals that need a finished scan."""
+    state = client.app.state.bds  # type: ignore[attr-defined]
+    files = ScanFiles(state.settings.scans_dir, scan_id := new_scan_id())
+    files.root.mkdir(parents=True)
+    files.upload("model").write_bytes(b"model")
+    info = FileInfo("m.pt2", "0" * 64, 5)
+    if data:
+        files.upload("data").write_bytes(b"data")
+    state.store.create(
+        NewScan(
+            id=scan_id,
+            model=info,
+            model_format=model_format,
+            data=info if data else None,
+            training_data=None,
+            options={},
+            dedup_key=scan_id,
+            idempotency_key=None,
+        )
+    )
+    assert state.store.claim(scan_id, "w")
+    result = {"verdict": "backdoored", "detectors": {"neural_cleanse": {"status": "ok", "flagged_classes": [0]}}}
+    assert state.store.finish(scan_id, "w", JobStatus.succeeded, result=result, verdict="backdoored")
+    return scan_id
+
+
+def test_repair_refusals_of_a_finished_scan(make_client: Callable[..., TestClient]) -> None:
+    client = make_client()
+    for scan_id, code in [
+        (_succeeded_scan(client, model_format="torchscript"), "repair_unsupported"),
+        (_succeeded_scan(client, data=False), "missing_data"),
+        (_succeeded_scan(client), "repair_unsupported"),  # the reversed triggers' files are gone
+    ]:
+        body = assert_problem(client.post(f"/v1/scans/{scan_id}/repair", headers=AUTH), 422, code)
+        assert "Traceback" not in body["detail"]
+    # a refused request leaves nothing behind
+    scans_dir = client.app.state.bds.settings.scans_dir  # type: ignore[attr-defined]
+    assert len(list(scans_dir.iterdir())) == 3
