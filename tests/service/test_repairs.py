@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -176,3 +177,18 @@ def test_repair_refusals_of_a_finished_scan(make_client: Callable[..., TestClien
     # a refused request leaves nothing behind
     scans_dir = client.app.state.bds.settings.scans_dir  # type: ignore[attr-defined]
     assert len(list(scans_dir.iterdir())) == 3
+
+
+def test_parallel_identical_repair_requests_make_one_repair(make_client: Callable[..., TestClient]) -> None:
+    client = make_client()  # no worker: the repair stays queued
+    scan_id = _succeeded_scan(client)
+    scans_dir = client.app.state.bds.settings.scans_dir  # type: ignore[attr-defined]
+    for kind in ("mask", "pattern"):  # the reversed trigger's files, as the scan would have left them
+        (scans_dir / scan_id / "artifacts").mkdir(exist_ok=True)
+        (scans_dir / scan_id / "artifacts" / f"nc-class-0-{kind}.npy").write_bytes(b"npy")
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda _: client.post(f"/v1/scans/{scan_id}/repair", headers=AUTH), range(16)))
+    assert sorted(r.status_code for r in responses) == [200] * 15 + [202], [r.text for r in responses]
+    assert len({r.json()["id"] for r in responses}) == 1
+    assert len(client.get(f"/v1/scans/{scan_id}/repairs", headers=AUTH).json()) == 1
+    assert len(list(scans_dir.iterdir())) == 2  # the scan's directory and the one repair's: the others were removed
