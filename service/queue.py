@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from huey import Huey, RedisHuey, SqliteHuey
@@ -9,6 +10,8 @@ from huey import Huey, RedisHuey, SqliteHuey
 from service.config import Settings
 
 __all__ = ["ScanQueue", "build_huey"]
+
+logger = logging.getLogger(__name__)
 
 TASK_NAME = "backdoor_scan.run_scan"
 WEBHOOK_TASK_NAME = "backdoor_scan.deliver_webhook"
@@ -70,6 +73,14 @@ class ScanQueue:
 
     def enqueue(self, scan_id: str) -> None:
         self._task(scan_id)
+
+    def enqueue_new(self, job_id: str) -> None:
+        """Enqueue a job just inserted; a queue that fails is logged, not raised: the row is the truth, and a
+        worker's reaper enqueues queued jobs the queue does not hold."""
+        try:
+            self.enqueue(job_id)
+        except Exception:
+            logger.exception("enqueue failed; the reaper will enqueue the job", extra={"scan_id": job_id})
 
     def enqueue_webhook(self, scan_id: str) -> None:
         self._webhook(scan_id)

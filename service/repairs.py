@@ -18,14 +18,12 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
-from fastapi.concurrency import run_in_threadpool
-
 from service.deps import AppState
 from service.jobs import FileInfo, NewScan, new_scan_id
 from service.models import JobKind, JobStatus, Scan
 from service.options import OptionsError, RepairOptions, parse_fields
 from service.problems import ServiceError
-from service.storage import ParsedUpload, ScanFiles
+from service.storage import ParsedUpload, ScanFiles, keep_if_created
 
 __all__ = ["REPAIR_FILE_FIELDS", "REPAIR_TEXT_FIELDS", "TRIGGERS_DIR", "RepairRequest", "flagged_triggers"]
 
@@ -160,21 +158,12 @@ class RepairRequest:
         )
         if not created:
             return repair, False
-        try:
-            state.queue.enqueue(repair.id)
-        except Exception:  # the row is the truth: a worker's reaper enqueues queued jobs the queue lacks
-            logger.exception("enqueue failed; the reaper will enqueue the repair", extra={"scan_id": repair.id})
+        state.queue.enqueue_new(repair.id)
         return repair, True
 
     async def submit(self, upload: ParsedUpload) -> tuple[Scan, bool]:
         """:meth:`accept` in a threadpool; the request's files stay only with a repair it created."""
-        try:
-            repair, created = await run_in_threadpool(self.accept, upload)
-        except BaseException:
-            self.files.remove()
-            raise
-        if not created:
-            self.files.remove()
-        else:
+        repair, created = await keep_if_created(self.accept, upload, self.files)
+        if created:
             logger.info("repair queued", extra={"scan_id": repair.id})
         return repair, created

@@ -14,8 +14,6 @@ import logging
 from collections.abc import Mapping
 from http import HTTPStatus
 
-from fastapi.concurrency import run_in_threadpool
-
 from scanner.errors import ScannerError
 from scanner.loading import check_model_file
 from service.deps import AppState
@@ -23,7 +21,7 @@ from service.jobs import FileInfo, NewScan, new_scan_id
 from service.models import Scan
 from service.options import OptionsError, ScanOptions, parse_options, scan_config
 from service.problems import ServiceError, scanner_problem
-from service.storage import ParsedUpload, ScanFiles
+from service.storage import ParsedUpload, ScanFiles, keep_if_created
 from service.webhooks import check_callback_url
 
 __all__ = ["FILE_FIELDS", "TEXT_FIELDS", "ScanSubmission", "check_idempotency_key", "dedup_key"]
@@ -168,22 +166,13 @@ class ScanSubmission:
         )
         if not created:  # a concurrent request inserted first: its scan (submit removes this upload's files)
             return _repeated(scan, key)
-        try:
-            state.queue.enqueue(scan.id)
-        except Exception:  # the row is the truth: a worker's reaper enqueues queued scans the queue lacks
-            logger.exception("enqueue failed; the reaper will enqueue the scan", extra={"scan_id": scan.id})
+        state.queue.enqueue_new(scan.id)
         return scan, True
 
     async def submit(self, upload: ParsedUpload) -> tuple[Scan, bool]:
         """:meth:`accept` in a threadpool. The upload's files stay only with a scan it created: they are removed on
         a refusal and for a repeated upload."""
-        try:
-            scan, created = await run_in_threadpool(self.accept, upload)
-        except BaseException:
-            self.files.remove()
-            raise
-        if not created:
-            self.files.remove()
-        else:
+        scan, created = await keep_if_created(self.accept, upload, self.files)
+        if created:
             logger.info("scan queued", extra={"scan_id": scan.id, "sha256": scan.model_sha256})
         return scan, created

@@ -15,6 +15,7 @@ from service.options import ScanOptions
 __all__ = [
     "ErrorPublic",
     "FilePublic",
+    "JobPublic",
     "ModelPublic",
     "ProgressPublic",
     "RepairPublic",
@@ -97,8 +98,31 @@ class WebhookPublic(BaseModel):
     last_error: str | None
 
 
-class ScanPublic(BaseModel):
-    """A scan as clients see it."""
+def _job_fields(job: Scan) -> dict[str, Any]:
+    """What every job resource (scan, repair) shows of its row."""
+    return {
+        "id": job.id,
+        "status": JobStatus(job.status),
+        "created_at": job.created_at,
+        "updated_at": job.updated_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "progress": ProgressPublic(
+            fraction=job.progress_fraction, stage=job.progress_stage, message=job.progress_message
+        ),
+        "attempts": job.attempts,
+        "model": ModelPublic(
+            filename=job.model_filename,
+            sha256=job.model_sha256,
+            size_bytes=job.model_size_bytes,
+            format=job.model_format,
+        ),
+        "error": ErrorPublic(code=job.error_code, detail=job.error_detail or "") if job.error_code else None,
+    }
+
+
+class JobPublic(BaseModel):
+    """What every job resource (scan, repair) has."""
 
     id: str
     status: JobStatus
@@ -108,13 +132,18 @@ class ScanPublic(BaseModel):
     finished_at: datetime | None
     progress: ProgressPublic
     attempts: int
+    error: ErrorPublic | None
+
+
+class ScanPublic(JobPublic):
+    """A scan as clients see it."""
+
     model: ModelPublic
     data: FilePublic | None
     training_data: FilePublic | None
     options: dict[str, Any]
     verdict: str | None = Field(description="clean, backdoored, unsafe_file or inconclusive once succeeded")
     result: dict[str, Any] | None = Field(description="the full verdict once succeeded (see the README)")
-    error: ErrorPublic | None
     webhook: WebhookPublic | None
     links: dict[str, str]
 
@@ -133,28 +162,12 @@ class ScanPublic(BaseModel):
                 size_bytes=scan.training_data_size_bytes or 0,
             )
         return cls(
-            id=scan.id,
-            status=JobStatus(scan.status),
-            created_at=scan.created_at,
-            updated_at=scan.updated_at,
-            started_at=scan.started_at,
-            finished_at=scan.finished_at,
-            progress=ProgressPublic(
-                fraction=scan.progress_fraction, stage=scan.progress_stage, message=scan.progress_message
-            ),
-            attempts=scan.attempts,
-            model=ModelPublic(
-                filename=scan.model_filename,
-                sha256=scan.model_sha256,
-                size_bytes=scan.model_size_bytes,
-                format=scan.model_format,
-            ),
+            **_job_fields(scan),
             data=data,
             training_data=training,
             options=scan.options,
             verdict=scan.verdict,
             result=scan.result,
-            error=ErrorPublic(code=scan.error_code, detail=scan.error_detail or "") if scan.error_code else None,
             webhook=WebhookPublic(
                 callback_url=scan.callback_url,
                 attempts=scan.webhook_attempts,
@@ -179,18 +192,10 @@ class ScanList(BaseModel):
     offset: int
 
 
-class RepairPublic(BaseModel):
+class RepairPublic(JobPublic):
     """A repair of a scan's model as clients see it."""
 
-    id: str
     scan_id: str = Field(description="the scan whose model is repaired")
-    status: JobStatus
-    created_at: datetime
-    updated_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    progress: ProgressPublic
-    attempts: int
     model: ModelPublic = Field(description="the scan's model, as uploaded")
     data: FilePublic | None = Field(description="the clean samples the repair fine-tunes on and measures with")
     classes: list[int] = Field(description="the flagged classes whose reversed triggers are unlearned")
@@ -199,7 +204,6 @@ class RepairPublic(BaseModel):
         description="once succeeded: clean accuracy and the reversed triggers' attack success rate before and after"
         " (held-out samples), the re-scan's verdict, and the repaired files (see the README)"
     )
-    error: ErrorPublic | None
     links: dict[str, str]
 
     @classmethod
@@ -221,28 +225,12 @@ class RepairPublic(BaseModel):
         if result is not None:
             links.update({name: f"{base}/artifacts/{name}" for name in result.get("files", [])})
         return cls(
-            id=repair.id,
+            **_job_fields(repair),
             scan_id=repair.parent_id or "",
-            status=JobStatus(repair.status),
-            created_at=repair.created_at,
-            updated_at=repair.updated_at,
-            started_at=repair.started_at,
-            finished_at=repair.finished_at,
-            progress=ProgressPublic(
-                fraction=repair.progress_fraction, stage=repair.progress_stage, message=repair.progress_message
-            ),
-            attempts=repair.attempts,
-            model=ModelPublic(
-                filename=repair.model_filename,
-                sha256=repair.model_sha256,
-                size_bytes=repair.model_size_bytes,
-                format=repair.model_format,
-            ),
             data=data,
             classes=list(options.get("classes", [])),
             options=dict(options.get("repair", {})),
             result=result,
-            error=ErrorPublic(code=repair.error_code, detail=repair.error_detail or "") if repair.error_code else None,
             links=links,
         )
 

@@ -21,9 +21,10 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
 from service.jobs import FileInfo
+from service.models import Scan
 from service.problems import ServiceError
 
-__all__ = ["ParsedUpload", "ScanFiles", "UploadParser", "client_filename", "parse_upload"]
+__all__ = ["ParsedUpload", "ScanFiles", "UploadParser", "client_filename", "keep_if_created", "parse_upload"]
 
 _ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 #: Dropped from client file names: C0 and C1 controls, DEL, line and paragraph separators, and the bidi controls
@@ -264,3 +265,18 @@ async def parse_upload(
         raise
     parser.close()
     return parsed
+
+
+async def keep_if_created(
+    accept: Callable[[ParsedUpload], tuple[Scan, bool]], upload: ParsedUpload, files: ScanFiles
+) -> tuple[Scan, bool]:
+    """Run a blocking ``accept(upload) -> (job, created)`` (database, file checks) in a worker thread; the
+    request's files stay only with a job it created: they are removed on a refusal and for a repeated request."""
+    try:
+        job, created = await anyio.to_thread.run_sync(accept, upload)
+    except BaseException:
+        files.remove()
+        raise
+    if not created:
+        files.remove()
+    return job, created

@@ -12,7 +12,7 @@ from service.models import FINISHED, Scan
 from service.problems import PROBLEM_JSON, ServiceError
 from service.storage import ScanFiles
 
-__all__ = ["AUTH_RESPONSES", "artifact_response", "cancel_job", "problem_response"]
+__all__ = ["AUTH_RESPONSES", "artifact_response", "cancel_job", "job_or_404", "problem_response"]
 
 
 def problem_response(description: str) -> dict[str, Any]:
@@ -44,3 +44,10 @@ def artifact_response(state: AppState, job_id: str, name: str, what: str) -> Fil
     if path is None or not path.is_file():
         raise ServiceError(HTTPStatus.NOT_FOUND, "artifact_not_found", f"{what} {job_id} has no artifact {name!r}")
     return FileResponse(path, media_type=MEDIA_TYPES.get(path.suffix, "application/octet-stream"))
+
+
+def job_or_404(job: Scan | None, job_id: str, what: str) -> Scan:
+    """The job, or 404 ``{what}_not_found``."""
+    if job is None:
+        raise ServiceError(HTTPStatus.NOT_FOUND, f"{what}_not_found", f"no {what} with id {job_id!r}")
+    return job

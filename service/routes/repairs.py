@@ -11,22 +11,16 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse
 
 from service.deps import ApiKeyDep, AppState, StateDep
-from service.models import JobKind, Scan
+from service.models import JobKind
 from service.problems import ServiceError
 from service.repairs import REPAIR_FILE_FIELDS, REPAIR_TEXT_FIELDS, RepairRequest
-from service.routes.common import AUTH_RESPONSES, artifact_response, cancel_job, problem_response
+from service.routes.common import AUTH_RESPONSES, artifact_response, cancel_job, job_or_404, problem_response
 from service.schemas import RepairPublic, repair_form_schema
 from service.storage import MAX_FIELD_BYTES, ParsedUpload, parse_upload
 
 router = APIRouter(tags=["repairs"], dependencies=[ApiKeyDep])
 
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: problem_response("no such repair")}
-
-
-def _repair_or_404(repair: Scan | None, repair_id: str) -> Scan:
-    if repair is None:
-        raise ServiceError(HTTPStatus.NOT_FOUND, "repair_not_found", f"no repair with id {repair_id!r}")
-    return repair
 
 
 @router.post(
@@ -106,7 +100,7 @@ def list_repairs(scan_id: str, state: StateDep) -> list[RepairPublic]:
 @router.get("/v1/repairs/{repair_id}", response_model=RepairPublic, responses={**AUTH_RESPONSES, **_NOT_FOUND})
 def get_repair(repair_id: str, state: StateDep) -> RepairPublic:
     """A repair: status, progress and, once succeeded, the before/after numbers and the re-scan."""
-    return RepairPublic.of(_repair_or_404(state.store.get_kind(repair_id, JobKind.repair), repair_id))
+    return RepairPublic.of(job_or_404(state.store.get_kind(repair_id, JobKind.repair), repair_id, "repair"))
 
 
 @router.post(
@@ -118,7 +112,7 @@ def get_repair(repair_id: str, state: StateDep) -> RepairPublic:
 def cancel_repair(repair_id: str, state: StateDep) -> RepairPublic:
     """Cancel a repair: a queued one at once, a running one at its next progress point."""
     repair = cancel_job(state, state.store.get_kind(repair_id, JobKind.repair), "repair")
-    return RepairPublic.of(_repair_or_404(repair, repair_id))
+    return RepairPublic.of(job_or_404(repair, repair_id, "repair"))
 
 
 @router.get(
@@ -132,5 +126,5 @@ def cancel_repair(repair_id: str, state: StateDep) -> RepairPublic:
 )
 def get_repair_artifact(repair_id: str, name: str, state: StateDep) -> FileResponse:
     """The repaired model (``repaired.pt2``, ``repaired.safetensors``) or a file of the re-scan."""
-    _repair_or_404(state.store.get_kind(repair_id, JobKind.repair), repair_id)
+    job_or_404(state.store.get_kind(repair_id, JobKind.repair), repair_id, "repair")
     return artifact_response(state, repair_id, name, "repair")

@@ -10,9 +10,9 @@ from fastapi.responses import FileResponse, HTMLResponse
 
 from scanner.render.html import render_html
 from service.deps import ApiKeyDep, AppState, StateDep
-from service.models import JobKind, JobStatus, Scan
+from service.models import JobKind, JobStatus
 from service.problems import ServiceError
-from service.routes.common import AUTH_RESPONSES, artifact_response, cancel_job, problem_response
+from service.routes.common import AUTH_RESPONSES, artifact_response, cancel_job, job_or_404, problem_response
 from service.scans import FILE_FIELDS, TEXT_FIELDS, ScanSubmission
 from service.schemas import ScanList, ScanPublic, upload_form_schema
 from service.storage import ScanFiles, parse_upload
@@ -24,12 +24,6 @@ _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: problem_response("no such sc
 #: The report needs nothing from anywhere: no script, no request; images are data: URIs and the CSS is inline.
 _REPORT_POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
 _REPORT_ARTIFACTS = (".png", ".json")  # what the page shows; the .npy arrays stay out of memory
-
-
-def _scan_or_404(scan: Scan | None, scan_id: str) -> Scan:
-    if scan is None:
-        raise ServiceError(HTTPStatus.NOT_FOUND, "scan_not_found", f"no scan with id {scan_id!r}")
-    return scan
 
 
 @router.post(
@@ -86,7 +80,7 @@ def list_scans(
 @router.get("/{scan_id}", response_model=ScanPublic, responses={**AUTH_RESPONSES, **_NOT_FOUND})
 def get_scan(scan_id: str, state: StateDep) -> ScanPublic:
     """A scan: status, progress and, once succeeded, the verdict."""
-    return ScanPublic.of(_scan_or_404(state.store.get_kind(scan_id, JobKind.scan), scan_id))
+    return ScanPublic.of(job_or_404(state.store.get_kind(scan_id, JobKind.scan), scan_id, "scan"))
 
 
 @router.post(
@@ -97,7 +91,7 @@ def get_scan(scan_id: str, state: StateDep) -> ScanPublic:
 )
 def cancel_scan(scan_id: str, state: StateDep) -> ScanPublic:
     """Cancel a scan: a queued one at once, a running one at its next progress point."""
-    cancelled = _scan_or_404(cancel_job(state, state.store.get_kind(scan_id, JobKind.scan), "scan"), scan_id)
+    cancelled = job_or_404(cancel_job(state, state.store.get_kind(scan_id, JobKind.scan), "scan"), scan_id, "scan")
     if cancelled.status == JobStatus.cancelled and cancelled.callback_url:
         state.queue.enqueue_webhook(scan_id)
     return ScanPublic.of(cancelled)
@@ -111,7 +105,7 @@ def cancel_scan(scan_id: str, state: StateDep) -> ScanPublic:
 )
 def delete_scan(scan_id: str, state: StateDep) -> Response:
     """Delete a scan that is not running, with its uploaded files and artifacts."""
-    scan = _scan_or_404(state.store.get_kind(scan_id, JobKind.scan), scan_id)
+    scan = job_or_404(state.store.get_kind(scan_id, JobKind.scan), scan_id, "scan")
     if scan.status == JobStatus.running:
         raise ServiceError(HTTPStatus.CONFLICT, "scan_running", "the scan is running: cancel it first, then delete it")
     state.store.delete(scan_id)
@@ -130,7 +124,7 @@ def delete_scan(scan_id: str, state: StateDep) -> Response:
 )
 def get_artifact(scan_id: str, name: str, state: StateDep) -> FileResponse:
     """A file a detector made: trigger mask/pattern PNG and npy, suspicious-sample lists, verdict.json."""
-    _scan_or_404(state.store.get_kind(scan_id, JobKind.scan), scan_id)
+    job_or_404(state.store.get_kind(scan_id, JobKind.scan), scan_id, "scan")
     return artifact_response(state, scan_id, name, "scan")
 
 
@@ -147,7 +141,7 @@ def get_artifact(scan_id: str, name: str, state: StateDep) -> FileResponse:
 def get_report(scan_id: str, state: StateDep) -> HTMLResponse:
     """The scan's report for people: verdict, recovered triggers, stamped examples, Grad-CAM, charts (one HTML page);
     with the latest succeeded repair of the scan's model, its before/after numbers."""
-    scan = _scan_or_404(state.store.get_kind(scan_id, JobKind.scan), scan_id)
+    scan = job_or_404(state.store.get_kind(scan_id, JobKind.scan), scan_id, "scan")
     if scan.status != JobStatus.succeeded or scan.result is None:
         raise ServiceError(
             HTTPStatus.CONFLICT, "scan_not_finished", f"the scan is {scan.status}: a report exists once it succeeded"
