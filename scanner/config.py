@@ -460,7 +460,7 @@ class RepairConfig:
     epochs: int = 20
     lr: float = 0.003
     batch_size: int = 32
-    stamp_fraction: float = 0.2
+    stamp_fraction: float = 0.4
     held_out_fraction: float = 0.3
     max_accuracy_drop: float = 0.02
     distill: float = 5.0

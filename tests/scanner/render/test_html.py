@@ -222,3 +222,50 @@ def test_report_of_a_screened_run_draws_only_the_tested_classes() -> None:
     assert "Screened: 4 of 40 classes tested" in page
     bars = re.findall(r"<title>class (\d+): anomaly index", page)
     assert sorted(map(int, bars)) == [0, 3, 7, 9]
+
+
+def _png(value: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (4, 4), value).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_report_repair_section_shows_both_triggers_and_escapes() -> None:
+    verdict = {
+        "verdict": "backdoored",
+        "flagged_classes": [0],
+        "detectors": {"neural_cleanse": {"status": "ok", "classes": [{"class": 0, "mask_l1": 6.5, "flagged": True,
+                      "artifacts": {"mask_png": "/v1/scans/x/artifacts/nc-class-0-mask.png"}}]}},
+    }  # fmt: skip
+    repair = {
+        "id": "<b>r1</b>",
+        "method": "unlearning",
+        "repaired": False,
+        "classes": [0],
+        "rounds": 3,
+        "clean_accuracy": {"before": 0.96, "after": 0.95, "drop": 0.01, "max_drop": 0.02},
+        "trigger_attack_success_rate": {"0": {"before": 0.97, "after": 0.31}},
+        "samples": {"fine_tuning": 350, "held_out": 150},
+        "rescan": {"verdict": "backdoored", "detectors": {"neural_cleanse": {"classes": [
+            {"class": 0, "mask_l1": 70.0, "artifacts": {"mask_png": "nc-class-0-mask.png"}}]}}},
+        "files": ["repaired.pt2"],
+    }  # fmt: skip
+    before, after = _png(10), _png(200)
+    page = render_html(
+        verdict, {"nc-class-0-mask.png": before}, repair=repair, repair_artifacts={"nc-class-0-mask.png": after}
+    )
+    section = page[page.index('<section id="repair">') :]
+    section = section[: section.index("</section>")]
+    assert "&lt;b&gt;r1&lt;/b&gt;" in section
+    assert "<b>r1</b>" not in section
+    assert "the re-scan still flags a class" in section
+    assert "in 3 round(s)" in section
+    assert "<td>0.97</td><td>0.31</td>" in section
+    images = [attrs["src"] for tag, attrs in _tags(section) if tag == "img"]
+    assert images == [
+        "data:image/png;base64," + base64.b64encode(before).decode(),
+        "data:image/png;base64," + base64.b64encode(after).decode(),
+    ]
+    assert "mask L1 6.5" in section
+    assert "mask L1 70" in section
+    assert 'id="repair"' not in render_html(verdict, {})  # no repair, no section
