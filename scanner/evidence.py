@@ -6,6 +6,9 @@ the Grad-CAM heatmaps (:mod:`scanner.gradcam`) of both, with the share of the he
 (:func:`scanner.gradcam.heat_fraction_inside`): a backdoor's trigger moves the prediction to its class and pulls
 the heat onto itself. It also renders both as PNG strips.
 
+:func:`try_image` is the same comparison for one image of the user's choice: its prediction and confidence as it is
+and with each given trigger stamped on, with the Grad-CAM of each (the web page's "try an image").
+
 Grad-CAM explains a prediction, it does not detect a backdoor: on small models any high-contrast patch draws heat
 (a white 3x3 patch on a clean MNIST model drew as large a share as the real trigger on a backdoored one); the flipped
 predictions are what a clean model does not show.
@@ -15,13 +18,14 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor, nn
 
@@ -30,7 +34,7 @@ from scanner.errors import GradCamUnavailableError
 from scanner.gradcam import GradCam, grad_cam, heat_fraction_inside
 from scanner.trigger import Trigger
 
-__all__ = ["TriggerEvidence", "evidence_pngs", "trigger_evidence"]
+__all__ = ["Tried", "TriedImage", "TriggerEvidence", "evidence_pngs", "trigger_evidence", "try_image"]
 
 logger = logging.getLogger(__name__)
 
@@ -245,4 +249,103 @@ def _grid_png(rows: Sequence[npt.NDArray[np.float64]], captions: Sequence[Sequen
             draw.text((left + 1, top + tile_h + 1), caption, fill=(0, 0, 0), font=font)
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class TriedImage:
+    """One image through the model.
+
+    Attributes:
+        prediction: the predicted class.
+        confidence: the softmax probability of that class (0 when the model's output is not a number).
+        image_png: the image as a PNG, enlarged by a whole factor (nearest neighbour) when it is small.
+        gradcam_png: the Grad-CAM heatmap of the prediction over the image (same size), or ``None`` when Grad-CAM
+            did not run.
+    """
+
+    prediction: int
+    confidence: float
+    image_png: bytes
+    gradcam_png: bytes | None
+
+
+@dataclass(frozen=True)
+class Tried:
+    """An image as it is and with each trigger stamped on (see :func:`try_image`).
+
+    Attributes:
+        clean: the image as it is.
+        stamped: by trigger class, in the order the triggers were given.
+        gradcam_layer: the convolutional layer the heatmaps come from, or ``None`` when Grad-CAM did not run.
+        gradcam_problem: why it did not run: ``("skipped", reason)`` or ``("error", detail)``.
+    """
+
+    clean: TriedImage
+    stamped: dict[int, TriedImage]
+    gradcam_layer: str | None = None
+    gradcam_problem: tuple[str, str] | None = None
+
+
+def try_image(model: nn.Module, image: Tensor, triggers: Mapping[int, Trigger]) -> Tried:
+    """The model's prediction and Grad-CAM on ``image`` as it is and with each trigger stamped on.
+
+    Grad-CAM explains each version's predicted class; when it cannot run (no convolution) or fails, the predictions
+    still come back and ``gradcam_problem`` says why.
+
+    Args:
+        model: classifier in eval mode on the device of ``image``, taking ``(N, C, H, W)`` in [0, 1].
+        image: one image ``(C, H, W)`` in [0, 1].
+        triggers: the triggers to stamp, by the class they were reversed for; each fits ``image``.
+
+    Returns:
+        The clean and stamped versions' predictions, confidences and PNGs.
+
+    Raises:
+        ValueError: ``image`` is not ``(C, H, W)``, or a trigger does not fit it.
+    """
+    if image.ndim != 3:
+        raise ValueError(f"image must be (C, H, W), got shape {tuple(image.shape)}")
+    batch = torch.stack([image, *(trigger.stamp(image) for trigger in triggers.values())])
+    with torch.no_grad():
+        probabilities = torch.nan_to_num(F.softmax(model(batch).float(), dim=1), nan=0.0)
+    confidences, predictions = probabilities.max(dim=1)
+    layer, heatmaps, problem = None, None, None
+    try:
+        cam = grad_cam(model, batch)
+        layer, heatmaps = cam.layer, cam.heatmaps
+    except GradCamUnavailableError as exc:
+        problem = ("skipped", exc.detail)
+    except Exception as exc:  # a picture for people: the predictions still count
+        logger.warning("Grad-CAM failed on a tried image", exc_info=True)
+        problem = ("error", f"{type(exc).__name__}: {exc}")
+    images = _rgb(batch)
+    overlays = _heat_overlay(batch, heatmaps) if heatmaps is not None else None
+    tried = [
+        TriedImage(
+            prediction=int(predictions[row]),
+            confidence=float(confidences[row]),
+            image_png=_png(images[row]),
+            gradcam_png=None if overlays is None else _png(overlays[row]),
+        )
+        for row in range(len(batch))
+    ]
+    return Tried(
+        clean=tried[0],
+        stamped=dict(zip(triggers, tried[1:], strict=True)),
+        gradcam_layer=layer,
+        gradcam_problem=problem,
+    )
+
+
+def _png(image: npt.NDArray[np.float64]) -> bytes:
+    """An ``(H, W, 3)`` image in [0, 1] as a PNG, enlarged by a whole factor to about one tile when it is smaller."""
+    height, width = image.shape[:2]
+    scale = max(1, _TILE // max(height, width))
+    pixels = (np.clip(np.nan_to_num(image), 0, 1) * 255).round().astype(np.uint8)
+    picture = Image.fromarray(pixels)
+    if scale > 1:
+        picture = picture.resize((width * scale, height * scale), Image.Resampling.NEAREST)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
     return buffer.getvalue()

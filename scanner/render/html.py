@@ -12,13 +12,14 @@ names are URLs: only the last path segment is used) and the artifact bytes by fi
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["render_html"]
+__all__ = ["STYLE_SOURCE", "render_html"]
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _BANNER_CLASS = {"backdoored": "bad", "unsafe_file": "bad", "clean": "good"}
@@ -50,11 +51,17 @@ img.strip { max-width: 100%; height: auto; border: 1px solid #d5d8dc; }
 .card { border: 1px solid #d5d8dc; border-radius: 4px; padding: 6px; font-size: 12px; text-align: center; }
 .card.flagged { border: 2px solid #c0392b; background: #fdedec; }
 .legend span { display: inline-block; width: 12px; height: 12px; margin: 0 4px 0 12px; vertical-align: -1px; }
+.swatch-flagged { background: #c0392b; } .swatch-small { background: #2e86c1; } .swatch-large { background: #aab7b8; }
 .missing { display: inline-block; padding: 8px; color: #7b241c; background: #fdedec; font-size: 13px; }
 .note { color: #566573; font-size: 13px; }
 .big { font-size: 18px; font-weight: 600; }
 svg text { font: 11px system-ui, sans-serif; fill: #1c2833; }
 """
+
+#: The CSP source expression that allows the page's one ``<style>`` element and nothing else (the page has no
+#: ``style`` attribute): a page that shows the report in an ``iframe srcdoc``, which inherits that page's policy,
+#: can say ``style-src 'self' STYLE_SOURCE`` instead of ``'unsafe-inline'``.
+STYLE_SOURCE = f"'sha256-{base64.b64encode(hashlib.sha256(_CSS.encode()).digest()).decode()}'"
 
 
 def render_html(
@@ -373,9 +380,9 @@ class _Page:
             f"{_fmt(nc.get('samples_used'))}.</p>",
             _screening_note(_dict(nc.get("screening")), len(classes)),
             _anomaly_chart(classes, threshold),
-            f'<p class="legend"><span style="background:{_FLAGGED}"></span>flagged'
-            f'<span style="background:{_SMALL_SIDE}"></span>smaller mask than the median'
-            f'<span style="background:{_LARGE_SIDE}"></span>larger (never flagged)</p>',
+            '<p class="legend"><span class="swatch-flagged"></span>flagged'
+            '<span class="swatch-small"></span>smaller mask than the median'
+            '<span class="swatch-large"></span>larger (never flagged)</p>',
         ]
         parts += [self.flagged_class(entry, threshold) for entry in classes if entry.get("flagged") is True]
         parts.append("<h3>All classes</h3>")
@@ -527,8 +534,8 @@ class _Page:
             if series is not None:
                 parts.append(_histogram(*series))
                 parts.append(
-                    '<p class="legend"><span style="background:#c0392b"></span>suspected poison'
-                    '<span style="background:#aab7b8"></span>rest of the class &middot; score 0: the mean of the rest,'
+                    '<p class="legend"><span class="swatch-flagged"></span>suspected poison'
+                    '<span class="swatch-large"></span>rest of the class &middot; score 0: the mean of the rest,'
                     " 1: the mean of the suspected part</p>"
                 )
             else:

@@ -11,7 +11,7 @@ from PIL import Image
 from torch import nn
 
 from scanner.detectors.neural_cleanse import _evidence
-from scanner.evidence import evidence_pngs, trigger_evidence
+from scanner.evidence import evidence_pngs, trigger_evidence, try_image
 from scanner.neural_cleanse import ClassTrigger
 from scanner.testing.attacks import patch_trigger
 from scanner.testing.mnist import MnistSplit
@@ -80,3 +80,32 @@ def test_a_failing_evidence_is_reported_not_raised(badnets: BadNetsModel, mnist:
     assert entry["status"] == "error"
     assert entry["code"] == "evidence_failed"
     assert pngs == {}
+
+
+def test_try_image_stamped_goes_to_the_target_and_draws_the_heat(badnets: BadNetsModel, mnist: MnistSplit) -> None:
+    row = int(torch.nonzero(mnist.test_labels != badnets.target)[0])
+    image, label = mnist.test_images[row], int(mnist.test_labels[row])
+    other = patch_trigger((1, 28, 28), size=3, position="top_left")
+    tried = try_image(badnets.model, image, {badnets.target: badnets.trigger, 5: other})
+    assert tried.clean.prediction == label
+    assert tried.stamped[badnets.target].prediction == badnets.target
+    assert list(tried.stamped) == [badnets.target, 5]
+    for version in (tried.clean, *tried.stamped.values()):
+        assert 0 < version.confidence <= 1
+        for png in (version.image_png, version.gradcam_png):
+            assert png is not None
+            assert Image.open(io.BytesIO(png)).size == (112, 112)  # 28 pixels, 4 times
+    assert tried.stamped[badnets.target].confidence > 0.9
+    assert tried.gradcam_layer == "features.3"
+    assert tried.gradcam_problem is None
+
+
+def test_try_image_without_convolution_still_predicts(mnist: MnistSplit) -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10)).eval()
+    tried = try_image(model, mnist.test_images[0], {})
+    assert tried.stamped == {}
+    assert tried.clean.gradcam_png is None
+    assert tried.gradcam_problem is not None
+    assert tried.gradcam_problem[0] == "skipped"
+    with pytest.raises(ValueError, match=r"\(C, H, W\)"):
+        try_image(model, mnist.test_images[:2], {})

@@ -4,6 +4,7 @@ with the verdict, the recovered trigger, the evidence and the charts; everything
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import re
@@ -14,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from scanner.render.html import render_html
+from scanner.render.html import STYLE_SOURCE, render_html
 from scanner.testing.mnist import MnistSplit
 from service.cli import main
 from tests.factories import BadNetsModel, to_uint8, write_npz
@@ -113,6 +114,17 @@ def test_report_is_self_contained(scanned: dict[str, Any]) -> None:
         assert Image.open(io.BytesIO(png)).size[0] > 0
     references = [value for _, attrs in _tags(page) for key, value in attrs.items() if key in ("href", "src")]
     assert all((value or "").startswith("data:") for value in references)
+
+
+def test_report_has_one_inline_style_that_style_source_allows(scanned: dict[str, Any]) -> None:
+    """The web page shows the report in an iframe that inherits its strict policy: one hashed ``<style>``, no
+    ``style`` attribute anywhere."""
+    page = scanned["page"]
+    styles = re.findall(r"<style>(.*?)</style>", page, flags=re.DOTALL)
+    assert len(styles) == 1
+    digest = base64.b64encode(hashlib.sha256(styles[0].encode()).digest()).decode()
+    assert f"'sha256-{digest}'" == STYLE_SOURCE
+    assert not [tag for tag, attrs in _tags(page) if "style" in attrs]
 
 
 def test_report_from_the_service_result_matches(scanned: dict[str, Any]) -> None:
