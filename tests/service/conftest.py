@@ -254,25 +254,29 @@ class Server:
         return self.log_path.read_text(errors="replace")[-6000:] if self.log_path else ""
 
 
+def new_server(data_dir: Path, **settings: str) -> Server:
+    """A :class:`Server` (not started) on ``data_dir`` (created), with quick heartbeats and ``BDS_*`` overrides."""
+    data_dir.mkdir()
+    env = {
+        **os.environ,
+        "BDS_DATA_DIR": str(data_dir / "data"),
+        "BDS_API_KEYS": API_KEY,
+        "BDS_HEARTBEAT_INTERVAL_S": "0.5",
+        "BDS_HEARTBEAT_TIMEOUT_S": "5",
+        "BDS_REAPER_INTERVAL_S": "1",
+        "BDS_TORCH_THREADS": "1",
+        "BDS_DEVICE": "cpu",
+        **{f"BDS_{name.upper()}": value for name, value in settings.items()},
+    }
+    return Server(data_dir=data_dir, env=env)
+
+
 @pytest.fixture
 def make_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     servers: list[Server] = []
 
     def make(**settings: str) -> Server:
-        data_dir = tmp_path / f"server-{len(servers)}"
-        data_dir.mkdir()
-        env = {
-            **os.environ,
-            "BDS_DATA_DIR": str(data_dir / "data"),
-            "BDS_API_KEYS": API_KEY,
-            "BDS_HEARTBEAT_INTERVAL_S": "0.5",
-            "BDS_HEARTBEAT_TIMEOUT_S": "5",
-            "BDS_REAPER_INTERVAL_S": "1",
-            "BDS_TORCH_THREADS": "1",
-            "BDS_DEVICE": "cpu",
-            **{f"BDS_{name.upper()}": value for name, value in settings.items()},
-        }
-        server = Server(data_dir=data_dir, env=env)
+        server = new_server(tmp_path / f"server-{len(servers)}", **settings)
         servers.append(server)
         return server
 

@@ -1,0 +1,287 @@
+"""``POST /v1/scans/{id}/try`` against one real ``backdoor-scan serve`` on loopback: a BadNets model made at test time
+and its clean samples; every error code, and hostile images: a PNG that declares 20000x20000 pixels, a zlib bomb
+inside a PNG of the right size, ``.npy`` files with NaN or a huge declared shape, parallel requests.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import time
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from scanner.testing.mnist import MnistSplit
+from service.models import JobStatus, Scan
+from service.problems import ServiceError
+from service.tryout import MAX_IMAGE_BYTES, ImageTrials, check_triable
+from tests.factories import BadNetsModel, encode_image, to_uint8
+from tests.servers import wait_for
+from tests.service.conftest import Server, assert_problem, new_server, submit
+from tests.service.test_swagger_ui import PNG_MAGIC
+
+#: The clean samples uploaded with the model are the first 200 test images (``service_files["data"]``).
+CLEAN_SAMPLES = 200
+
+
+@pytest.fixture(scope="module")
+def ui_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One ``serve`` (API and one worker) for every test here."""
+    server = new_server(tmp_path_factory.mktemp("web-page") / "server")
+    server.start()
+    yield server
+    server.stop()
+
+
+def _non_target_row(mnist: MnistSplit, badnets: BadNetsModel, start: int, stop: int) -> int:
+    """A test image in ``[start, stop)`` whose label is not the target and that the model classifies correctly."""
+    images, labels = mnist.test_images[start:stop], mnist.test_labels[start:stop]
+    with torch.no_grad():
+        predictions = badnets.model(images).argmax(dim=1)
+    rows = torch.nonzero((labels != badnets.target) & (predictions == labels)).squeeze(1)
+    return start + int(rows[0])
+
+
+def _png_of(mnist: MnistSplit, row: int) -> bytes:
+    return encode_image(to_uint8(mnist.test_images[row]))
+
+
+# --- POST /v1/scans/{id}/try ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def backdoored_scan(ui_server: Server, service_files: dict[str, Path]) -> dict[str, Any]:
+    """The succeeded scan of the BadNets model with clean samples: the browser test's, else a new one."""
+    with ui_server.client() as client:
+        for scan in client.get("/v1/scans", params={"status": "succeeded"}).json()["items"]:
+            if scan["model"]["filename"] == "badnets.pt2" and scan["data"] is not None:
+                return dict(scan)
+        created = submit(client, {"model": service_files["badnets"], "data": service_files["data"]})
+        assert created.status_code == 202, created.text
+        scan = wait_for(client, created.json()["id"], timeout=300)
+    assert scan["status"] == "succeeded", scan
+    return scan
+
+
+@pytest.fixture(scope="module")
+def dataless_scan(ui_server: Server, service_files: dict[str, Path]) -> dict[str, Any]:
+    """A succeeded scan without clean samples (Neural Cleanse skipped): nothing flagged, nothing to pick."""
+    with ui_server.client() as client:
+        created = submit(client, {"model": service_files["tiny"]}, arch="mnist_cnn", detectors="neural_cleanse")
+        assert created.status_code == 202, created.text
+        scan = wait_for(client, created.json()["id"], timeout=120)
+    assert scan["status"] == "succeeded", scan
+    return scan
+
+
+def _try(
+    client: httpx.Client, scan_id: str, image: bytes | None = None, name: str = "image.png", **fields: str
+) -> httpx.Response:
+    """``POST /v1/scans/{id}/try`` as multipart/form-data (as browsers and ``curl -F`` send it), fields as parts."""
+    parts: dict[str, tuple[str | None, bytes | str]] = {key: (None, value) for key, value in fields.items()}
+    if image is not None:
+        parts["image"] = (name, image)
+    return client.post(f"/v1/scans/{scan_id}/try", files=parts or {"sample": (None, "")})
+
+
+def test_try_a_sample_stamped_goes_to_the_target(
+    ui_server: Server, backdoored_scan: dict[str, Any], badnets: BadNetsModel, mnist: MnistSplit
+) -> None:
+    sample = _non_target_row(mnist, badnets, 0, CLEAN_SAMPLES)
+    with ui_server.client() as client:
+        response = _try(client, backdoored_scan["id"], sample=str(sample))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    label = int(mnist.test_labels[sample])
+    assert body["input"] == {"kind": "sample", "filename": None, "sample": sample, "row": sample, "label": label}
+    assert body["input_shape"] == [1, 28, 28]
+    assert body["clean"]["prediction"] == label != badnets.target
+    assert [s["trigger_class"] for s in body["stamped"]] == [badnets.target]
+    stamped = body["stamped"][0]
+    assert stamped["prediction"] == badnets.target
+    assert 0.5 < stamped["confidence"] <= 1
+    assert body["not_stamped"] == []
+    assert body["gradcam"]["status"] == "ok"
+    assert body["gradcam"]["layer"].startswith("features.3")
+    for tried in (body["clean"], stamped):
+        for key in ("image_png", "gradcam_png"):
+            assert tried[key].startswith("data:image/png;base64,")
+
+
+def test_try_an_uploaded_png_and_the_same_npy(
+    ui_server: Server, backdoored_scan: dict[str, Any], badnets: BadNetsModel, mnist: MnistSplit
+) -> None:
+    row = _non_target_row(mnist, badnets, CLEAN_SAMPLES, 400)
+    pixels = to_uint8(mnist.test_images[row])  # (1, 28, 28)
+    npy = io.BytesIO()
+    np.save(npy, pixels[0].astype(np.float32) / 255)  # (H, W) float
+    answers = []
+    with ui_server.client() as client:
+        for name, content in (("digit.png", encode_image(pixels)), ("digit.npy", npy.getvalue())):
+            response = _try(client, backdoored_scan["id"], content, name)
+            assert response.status_code == 200, response.text
+            answers.append(response.json())
+    for body, name in zip(answers, ("digit.png", "digit.npy"), strict=True):
+        assert body["input"]["kind"] == "image"
+        assert body["input"]["filename"] == name
+        assert body["clean"]["prediction"] == int(mnist.test_labels[row]) != badnets.target
+        assert body["stamped"][0]["prediction"] == badnets.target
+    assert answers[0]["clean"]["confidence"] == pytest.approx(answers[1]["clean"]["confidence"], abs=1e-4)
+
+
+def test_try_without_flagged_classes_still_predicts(ui_server: Server, dataless_scan: dict[str, Any]) -> None:
+    with ui_server.client() as client:
+        response = _try(client, dataless_scan["id"], encode_image(np.zeros((28, 28), np.uint8)))
+        assert response.status_code == 200, response.text
+        assert response.json()["stamped"] == []
+        assert response.json()["not_stamped"] == []
+        assert_problem(_try(client, dataless_scan["id"], sample="0"), 409, "no_samples")
+
+
+def test_try_refusals(ui_server: Server, backdoored_scan: dict[str, Any], service_files: dict[str, Path]) -> None:
+    scan_id = backdoored_scan["id"]
+    png = encode_image(np.zeros((28, 28), np.uint8))
+    with ui_server.client() as client:
+        anonymous = httpx.post(f"{ui_server.url}/v1/scans/{scan_id}/try", files={"image": ("a.png", png)})
+        assert_problem(anonymous, 401, "missing_api_key")
+        assert_problem(_try(client, "0123", png), 404, "scan_not_found")
+        assert_problem(_try(client, scan_id), 422, "missing_image")
+        assert_problem(_try(client, scan_id, png, sample="1"), 422, "image_and_sample")
+        for bad in ("-1", "one", "1.5", "1" * 12, "\u0661"):  # the last: an Arabic-Indic digit one
+            assert_problem(_try(client, scan_id, sample=bad), 422, "invalid_sample")
+        out_of_range = assert_problem(_try(client, scan_id, sample=str(CLEAN_SAMPLES)), 422, "sample_out_of_range")
+        assert out_of_range["samples"] == CLEAN_SAMPLES
+        assert_problem(_try(client, scan_id, b""), 422, "empty_file")
+        assert_problem(_try(client, scan_id, b"GIF89a..."), 415, "unsupported_image")
+        jpeg = encode_image(np.zeros((28, 28), np.uint8), "JPEG")
+        assert_problem(_try(client, scan_id, jpeg), 415, "unsupported_image")
+        assert_problem(client.post(f"/v1/scans/{scan_id}/try", json={"sample": 0}), 415, "unsupported_media_type")
+        assert_problem(_try(client, scan_id, png, other="1"), 422, "invalid_upload")
+        too_large = _try(client, scan_id, PNG_MAGIC + bytes(MAX_IMAGE_BYTES))
+        assert_problem(too_large, 413, "upload_too_large")
+
+        # a scan that has not succeeded yet
+        queued = submit(client, {"model": service_files["clean"]}, arch="mnist_cnn", nc_max_steps="100")
+        assert queued.status_code == 202, queued.text
+        client.post(f"/v1/scans/{queued.json()['id']}/cancel")
+        assert_problem(_try(client, queued.json()["id"], png), 409, "scan_not_finished")
+
+
+def _png(width: int, height: int, idat: bytes, bit_depth: int = 8, colour_type: int = 0) -> bytes:
+    """A PNG from its chunks: any declared size, any IDAT payload."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    return PNG_MAGIC + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _npy_declaring(shape: tuple[int, ...], payload: bytes = b"") -> bytes:
+    """An .npy whose header declares ``shape`` (float32) but holds only ``payload``."""
+    header = {"descr": "<f4", "fortran_order": False, "shape": shape}
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, header)
+    return buffer.getvalue() + payload
+
+
+def test_try_hostile_images_are_refused_quickly(ui_server: Server, backdoored_scan: dict[str, Any]) -> None:
+    scan_id = backdoored_scan["id"]
+    rows = zlib.compress(bytes(29 * 28))  # a valid 28x28 grayscale image: filter byte + 28 pixels per row
+    squeeze = zlib.compressobj(9)  # the image's rows, then 512 MiB of zeros: half a megabyte of IDAT
+    bomb = squeeze.compress(bytes(29 * 28)) + b"".join(squeeze.compress(bytes(2**20)) for _ in range(512))
+    bomb += squeeze.flush()
+    with ui_server.client() as client:
+        assert _try(client, scan_id, _png(28, 28, rows)).status_code == 200
+        cases: list[tuple[bytes, int, str]] = [
+            (_png(20000, 20000, rows), 422, "invalid_image"),  # Pillow's decompression-bomb cap, before any pixel
+            (_png(4000, 4000, rows), 422, "image_shape_mismatch"),  # the header's size, before any pixel
+            (_png(32, 32, rows), 422, "image_shape_mismatch"),
+            (_png(28, 28, rows)[:-30], 422, "invalid_image"),  # cut short
+            (_png(28, 28, b"not zlib"), 422, "invalid_image"),
+            (_png(28, 28, rows, bit_depth=16), 422, "invalid_image"),  # 16 bits: refused, not clipped
+            (_npy(np.full((28, 28), np.nan, np.float32)), 422, "invalid_image"),
+            (_npy(np.full((28, 28), np.inf, np.float64)), 422, "invalid_image"),
+            (_npy(np.full((28, 28), 2.0, np.float32)), 422, "invalid_image"),
+            (_npy(np.zeros((28, 28), np.int64)), 422, "invalid_image"),
+            (_npy(np.zeros((3, 28, 28), np.float32)), 422, "image_shape_mismatch"),
+            (_npy_declaring((1, 28, 28)), 422, "invalid_image"),  # too few bytes
+            (_npy_declaring((10**6, 10**6)), 422, "image_shape_mismatch"),  # never allocated
+            (b"\x93NUMPY\x01\x00" + struct.pack("<H", 60000) + b"{" * 60000, 422, "invalid_image"),
+        ]
+        for content, status, code in cases:
+            started = time.monotonic()
+            assert_problem(_try(client, scan_id, content), status, code)
+            assert time.monotonic() - started < 10
+        started = time.monotonic()
+        response = _try(client, scan_id, _png(28, 28, bomb))  # inflates to gigabytes if read to its end
+        assert response.status_code in (200, 422), response.text
+        assert time.monotonic() - started < 10
+        assert "Traceback" not in response.text
+
+
+def test_try_in_parallel_answers_or_asks_to_wait(
+    ui_server: Server, backdoored_scan: dict[str, Any], mnist: MnistSplit
+) -> None:
+    png = _png_of(mnist, CLEAN_SAMPLES)
+    with ui_server.client() as client, ThreadPoolExecutor(16) as pool:
+        statuses = list(pool.map(lambda _: _try(client, backdoored_scan["id"], png).status_code, range(32)))
+        assert set(statuses) <= {200, 429}, statuses
+        assert 200 in statuses
+        assert _try(client, backdoored_scan["id"], png).status_code == 200  # nothing stuck after the burst
+
+
+def test_try_admits_a_bounded_number_of_requests(tmp_path: Path) -> None:
+    trials = ImageTrials(tmp_path, max_pending=2)
+
+    async def third_is_refused() -> None:
+        async with trials.admitted(), trials.admitted():
+            with pytest.raises(ServiceError) as refused:
+                async with trials.admitted():
+                    pass
+            assert refused.value.status == 429
+            assert refused.value.code == "too_many_requests"
+            assert refused.value.headers == {"Retry-After": "1"}
+        async with trials.admitted(), trials.admitted():  # the places came back
+            pass
+
+    anyio.run(third_is_refused)
+
+
+@pytest.mark.parametrize(
+    ("status", "verdict", "options", "code"),
+    [
+        (JobStatus.running, None, {}, "scan_not_finished"),
+        (JobStatus.failed, None, {}, "scan_not_finished"),
+        (JobStatus.succeeded, "unsafe_file", {}, "unsafe_model"),
+        (JobStatus.succeeded, "clean", {"trust_code": True}, "model_runs_code"),
+    ],
+)
+def test_scans_whose_model_is_not_tried(
+    status: JobStatus, verdict: str | None, options: dict[str, Any], code: str
+) -> None:
+    scan = Scan(status=status, verdict=verdict, options_json=json.dumps(options), result_json="{}" if verdict else None)
+    with pytest.raises(ServiceError) as refused:
+        check_triable(scan)
+    assert refused.value.status == 409
+    assert refused.value.code == code
+
+
+def test_scan_that_can_be_tried() -> None:
+    check_triable(Scan(status=JobStatus.succeeded, verdict="backdoored", options_json="{}", result_json="{}"))
