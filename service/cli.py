@@ -394,7 +394,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(settings)
     workers = _WorkerSupervisor(max(0, args.workers))
     url = f"http://{args.host}:{args.port}"
-    print(f"backdoor-scan serving on {url}   (Swagger UI: {url}/docs)", flush=True)
+    print(f"backdoor-scan serving on {url}   (web page: {url}/   Swagger UI: {url}/docs)", flush=True)
     if key_note:
         print(key_note, flush=True)
     print(f"data:       {settings.data_dir.resolve()}   workers: {workers.count}", flush=True)

@@ -25,7 +25,7 @@ from service.logs import request_id_var
 from service.metrics import Metrics
 from service.problems import document_problems, install_problem_handlers
 from service.queue import ScanQueue
-from service.routes import health, repairs, scans, tryout
+from service.routes import health, repairs, scans, tryout, ui
 from service.tryout import ImageTrials
 
 __all__ = ["create_app"]
@@ -46,7 +46,8 @@ Scan image-classifier checkpoints for backdoors before you deploy them.
 4. `GET /v1/scans/{id}/report` (linked as `links.report`) is the scan's report for people: one self-contained HTML
    page with the verdict, the recovered triggers, stamped examples, Grad-CAM heatmaps and charts.
 5. `POST /v1/scans/{id}/try` runs one image (or one of the scan's clean samples) through a succeeded scan's model, as
-   it is and with each flagged class's recovered trigger stamped on, with Grad-CAM.
+   it is and with each flagged class's recovered trigger stamped on, with Grad-CAM. The page at `/` does all of this
+   in a browser.
 
 Errors are RFC 9457 `application/problem+json` with a stable `code`.
 """
@@ -101,6 +102,7 @@ def create_app(settings: Settings | None = None, *, queue: ScanQueue | None = No
     app.include_router(repairs.router)
     app.include_router(tryout.router)
     app.include_router(health.router)
+    app.include_router(ui.router)
     app.state.image_trials = ImageTrials(settings.scans_dir)
 
     app.mount("/docs-assets", StaticFiles(directory=_swagger_assets()), name="docs-assets")

@@ -44,7 +44,7 @@ MISSING = _missing()
 pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
 
 
-def _off_loopback(url: str) -> bool:
+def off_loopback(url: str) -> bool:
     parts = urlsplit(url)
     if parts.scheme in ("data", "blob", "about", "chrome", "devtools"):
         return False
@@ -64,14 +64,14 @@ def test_swagger_ui_submits_a_scan(
 
     def route(route: Route) -> None:
         # Record and refuse anything that would leave the machine (a CDN, fonts, telemetry).
-        if _off_loopback(route.request.url):
+        if off_loopback(route.request.url):
             foreign.append(route.request.url)
             route.abort()
         else:
             route.continue_()
 
     def on_request(request: Request) -> None:
-        if _off_loopback(request.url) and request.url not in foreign:
+        if off_loopback(request.url) and request.url not in foreign:
             foreign.append(request.url)
 
     def on_console(message: ConsoleMessage) -> None:

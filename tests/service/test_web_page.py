@@ -1,12 +1,21 @@
-"""``POST /v1/scans/{id}/try`` against one real ``backdoor-scan serve`` on loopback: a BadNets model made at test time
-and its clean samples; every error code, and hostile images: a PNG that declares 20000x20000 pixels, a zlib bomb
-inside a PNG of the right size, ``.npy`` files with NaN or a huge declared shape, parallel requests.
+"""The web page at ``/`` and its try-an-image route, against one real ``backdoor-scan serve`` on loopback.
+
+The browser test drives headless Chromium like a person: enter the key, submit a BadNets model made at test time with
+clean samples, watch the scan's progress to the end, open the report, try a clean sample and an uploaded image; the
+stamped prediction is the backdoor's target and the clean one is not. Then the same at a phone's size. Screenshots
+are kept in the test's temporary directory, and copied to ``$BDS_TEST_ARTIFACTS`` when it is set.
+
+The API tests of ``POST /v1/scans/{id}/try`` reuse the scan the browser made (or make it when the browser test did
+not run) and cover every error code, with hostile images: a PNG that declares 20000x20000 pixels, a zlib bomb inside
+a PNG of the right size, ``.npy`` files with NaN or a huge declared shape, parallel requests.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
 import struct
 import time
 import zlib
@@ -20,6 +29,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 from scanner.testing.mnist import MnistSplit
 from service.models import JobStatus, Scan
@@ -27,8 +37,8 @@ from service.problems import ServiceError
 from service.tryout import MAX_IMAGE_BYTES, ImageTrials, check_triable
 from tests.factories import BadNetsModel, encode_image, to_uint8
 from tests.servers import wait_for
-from tests.service.conftest import Server, assert_problem, new_server, submit
-from tests.service.test_swagger_ui import PNG_MAGIC
+from tests.service.conftest import API_KEY, Server, assert_problem, new_server, submit
+from tests.service.test_swagger_ui import CHROMIUM, CHROMIUM_ARGS, MISSING, PNG_MAGIC, off_loopback
 
 #: The clean samples uploaded with the model are the first 200 test images (``service_files["data"]``).
 CLEAN_SAMPLES = 200
@@ -54,6 +64,206 @@ def _non_target_row(mnist: MnistSplit, badnets: BadNetsModel, start: int, stop: 
 
 def _png_of(mnist: MnistSplit, row: int) -> bytes:
     return encode_image(to_uint8(mnist.test_images[row]))
+
+
+def _keep_screenshots(paths: list[Path]) -> None:
+    target = os.environ.get("BDS_TEST_ARTIFACTS")
+    if target:
+        Path(target).mkdir(parents=True, exist_ok=True)
+        for path in paths:
+            shutil.copy(path, Path(target) / path.name)
+
+
+@pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
+def test_web_page_submits_scans_reports_and_tries_an_image(
+    ui_server: Server, service_files: dict[str, Path], badnets: BadNetsModel, mnist: MnistSplit, tmp_path: Path
+) -> None:
+    from playwright.sync_api import ConsoleMessage, Page, Request, Route, expect, sync_playwright
+
+    target = badnets.target
+    sample = _non_target_row(mnist, badnets, 0, CLEAN_SAMPLES)  # a row of the uploaded clean samples
+    upload_row = _non_target_row(mnist, badnets, CLEAN_SAMPLES, 400)  # an image the scan never saw
+    image_path = tmp_path / f"digit-{int(mnist.test_labels[upload_row])}.png"
+    image_path.write_bytes(_png_of(mnist, upload_row))
+
+    foreign: list[str] = []
+    console_errors: list[str] = []
+    requested: list[str] = []
+
+    def route(route: Route) -> None:
+        if off_loopback(route.request.url):
+            foreign.append(route.request.url)
+            route.abort()
+        else:
+            route.continue_()
+
+    def on_request(request: Request) -> None:
+        requested.append(request.url)
+
+    def on_console(message: ConsoleMessage) -> None:
+        if message.type == "error":
+            console_errors.append(f"{message.text} ({message.location})")
+
+    def watch(page: Page) -> None:
+        page.on("request", on_request)
+        page.on("console", on_console)
+        page.on("pageerror", lambda error: console_errors.append(f"page error: {error}"))
+
+    def enter_key(page: Page) -> None:
+        page.goto(ui_server.url + "/", wait_until="load")
+        expect(page.locator("#key-view")).to_be_visible()
+        page.locator("#key").fill(API_KEY)
+        page.get_by_role("button", name="Continue").click()
+        expect(page.locator("#list-view")).to_be_visible()
+
+    def try_sample(page: Page) -> None:
+        page.locator("#sample-form input[name=sample]").fill(str(sample))
+        page.get_by_role("button", name="Try this sample").click()
+        expect(page.locator("#try-result .note").first).to_contain_text(f"Clean sample {sample}")
+        expect(page.locator(".tried[data-kind=clean] .prediction")).to_have_text(str(int(mnist.test_labels[sample])))
+        expect(page.locator(f".tried[data-trigger='{target}'] .prediction")).to_have_text(str(target))
+
+    screenshots: list[Path] = []
+    expect.set_options(timeout=15_000)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(viewport={"width": 1280, "height": 900})
+            context.set_default_timeout(15_000)
+            context.route("**/*", route)
+            page = context.new_page()
+            watch(page)
+            enter_key(page)
+            assert page.evaluate("sessionStorage.getItem('bds-api-key')") == API_KEY
+
+            # Submit the backdoored model with clean samples through the form.
+            page.locator("#submit-form input[name=model]").set_input_files(service_files["badnets"])
+            page.locator("#submit-form input[name=data]").set_input_files(service_files["data"])
+            with page.expect_response(lambda r: r.url.endswith("/v1/scans") and r.request.method == "POST") as sent:
+                page.get_by_role("button", name="Scan", exact=True).click()
+            assert sent.value.status == 202, sent.value.text()
+            scan_id = sent.value.json()["id"]
+            expect(page.locator("#submit-status")).to_have_text("Queued: badnets.pt2.")
+
+            # Live progress: the row shows a progress bar while the scan runs, then the verdict.
+            row = page.locator(f"#scan-{scan_id}")
+            expect(row.locator("td.model")).to_have_text("badnets.pt2")
+            seen: set[str] = set()
+            deadline = time.monotonic() + 300
+            while row.get_attribute("data-status") != "succeeded":
+                status = row.get_attribute("data-status") or ""
+                if status == "running" and "running" not in seen:
+                    expect(row.locator("progress")).to_be_visible()
+                    screenshots.append(tmp_path / "web-page-running.png")
+                    page.screenshot(path=screenshots[-1], full_page=True)
+                seen.add(status)
+                assert status not in ("failed", "cancelled"), row.inner_text()
+                assert time.monotonic() < deadline, f"scan still {status} after 300 s"
+                page.wait_for_timeout(250)
+            assert "running" in seen or "queued" in seen, seen
+            expect(row.locator("progress")).to_have_count(0)
+            expect(row.locator("td.verdict")).to_have_text("backdoored")
+            expect(row.locator("td.flagged")).to_have_text(str(target))
+            screenshots.append(tmp_path / "web-page-list.png")
+            page.screenshot(path=screenshots[-1], full_page=True)
+
+            # Open the report, in the page.
+            row.get_by_role("link", name="Report and try an image").click()
+            expect(page.locator("#scan-title")).to_have_text("badnets.pt2")
+            report = page.frame_locator("#report")
+            expect(report.locator("#verdict .verdict")).to_have_text("BACKDOORED")
+            expect(report.locator(f"#nc-class-{target} h3")).to_contain_text(f"Class {target}")
+
+            # Try one of the scan's clean samples, then an image of our own.
+            try_sample(page)
+            page.locator("#image-form input[name=image]").set_input_files(image_path)
+            page.get_by_role("button", name="Try this image").click()
+            expect(page.locator("#try-result .note").first).to_contain_text(image_path.name)
+            clean_prediction = page.locator(".tried[data-kind=clean] .prediction")
+            expect(clean_prediction).to_have_text(str(int(mnist.test_labels[upload_row])))
+            assert clean_prediction.inner_text() != str(target)
+            expect(page.locator(f".tried[data-trigger='{target}'] .prediction")).to_have_text(str(target))
+            expect(page.locator(f".tried[data-trigger='{target}']")).to_have_class("tried flipped")
+            widths = page.eval_on_selector_all("#try-result img", "images => images.map(i => i.naturalWidth)")
+            assert widths == [112, 112, 112, 112], widths  # image and Grad-CAM, as is and stamped
+            screenshots.append(tmp_path / "web-page-try.png")
+            page.locator("#try").screenshot(path=screenshots[-1])
+            # the report's sandboxed frame is painted apart: full-page screenshots leave it blank, the window's do not
+            screenshots.append(tmp_path / "web-page-report.png")
+            page.locator("#report").screenshot(path=screenshots[-1])
+            page.locator("#try").evaluate("section => section.scrollIntoView()")
+            screenshots.append(tmp_path / "web-page-scan.png")
+            page.screenshot(path=screenshots[-1])
+            assert context.cookies() == []
+
+            # A phone: the same page, one column, nothing wider than the screen.
+            phone = browser.new_context(
+                viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True, has_touch=True
+            )
+            phone.set_default_timeout(15_000)
+            phone.route("**/*", route)
+            small = phone.new_page()
+            watch(small)
+            enter_key(small)
+            phone_row = small.locator(f"#scan-{scan_id}")
+            expect(phone_row.locator("td.verdict")).to_have_text("backdoored")
+            box = phone_row.bounding_box()
+            assert box is not None
+            assert box["width"] <= 390, box
+            assert small.evaluate("document.documentElement.scrollWidth") <= 390
+            screenshots.append(tmp_path / "web-page-phone-list.png")
+            small.screenshot(path=screenshots[-1], full_page=True)
+            phone_row.get_by_role("link", name="Report and try an image").click()
+            expect(small.frame_locator("#report").locator("#verdict .verdict")).to_have_text("BACKDOORED")
+            try_sample(small)
+            assert small.evaluate("document.documentElement.scrollWidth") <= 390
+            screenshots.append(tmp_path / "web-page-phone-try.png")
+            small.screenshot(path=screenshots[-1], full_page=True)
+        finally:
+            browser.close()
+
+    _keep_screenshots(screenshots)
+    assert not foreign, f"requests left loopback: {foreign}"
+    assert not console_errors, f"browser console errors: {console_errors}"
+    assert not [url for url in requested if API_KEY in url], "the key went into a URL"
+    for path in screenshots:
+        assert path.read_bytes().startswith(PNG_MAGIC)
+
+
+# --- the page itself ------------------------------------------------------------------------------------------
+
+
+def test_page_and_assets_need_no_key_and_carry_a_strict_policy(ui_server: Server) -> None:
+    with httpx.Client(base_url=ui_server.url, timeout=30) as client:
+        page = client.get("/")
+        assert page.status_code == 200
+        assert page.headers["content-type"] == "text/html; charset=utf-8"
+        assert 'data-auth="required"' in page.text
+        policy = page.headers["content-security-policy"]
+        assert "default-src 'none'" in policy
+        assert "script-src 'self';" in policy
+        assert "unsafe-inline" not in policy
+        assert "unsafe-eval" not in policy
+        assert "frame-ancestors 'none'" in policy
+        assert page.headers["x-content-type-options"] == "nosniff"
+        assert "<script>" not in page.text  # the one script is a file
+        assert "http" not in page.text.replace("http-equiv", "")  # nothing from anywhere else
+        for path, media_type in (("/ui/app.js", "text/javascript"), ("/ui/app.css", "text/css")):
+            asset = client.get(path)
+            assert asset.status_code == 200
+            assert asset.headers["content-type"].startswith(media_type)
+            assert "http://" not in asset.text
+            assert "https://" not in asset.text
+        assert_problem(client.get("/v1/scans"), 401, "missing_api_key")
+        assert_problem(client.get("/ui/other.js"), 404, "not_found")
+
+
+def test_page_without_auth_does_not_ask_for_a_key(tmp_path: Path) -> None:
+    from service.main import create_app
+    from tests.service.conftest import make_settings
+
+    with TestClient(create_app(make_settings(tmp_path, auth_disabled=True))) as client:
+        assert 'data-auth="disabled"' in client.get("/").text
 
 
 # --- POST /v1/scans/{id}/try ----------------------------------------------------------------------------------
