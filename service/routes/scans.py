@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse, HTMLResponse
 
-from scanner.render.html import render_html
+from scanner.render.html import STYLE_SOURCE, render_html
 from service.deps import ApiKeyDep, AppState, StateDep
 from service.models import JobKind, JobStatus
 from service.problems import ServiceError
@@ -21,8 +21,9 @@ router = APIRouter(prefix="/v1/scans", tags=["scans"], dependencies=[ApiKeyDep])
 
 
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: problem_response("no such scan")}
-#: The report needs nothing from anywhere: no script, no request; images are data: URIs and the CSS is inline.
-_REPORT_POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
+#: The report needs nothing from anywhere: no script, no request; images are data: URIs and its one <style> is
+#: allowed by its hash.
+_REPORT_POLICY = f"default-src 'none'; img-src data:; style-src {STYLE_SOURCE}; base-uri 'none'; form-action 'none'"
 _REPORT_ARTIFACTS = (".png", ".json")  # what the page shows; the .npy arrays stay out of memory
 
 
