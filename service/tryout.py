@@ -14,11 +14,12 @@ pixel is decoded, and an ``.npy`` header is checked before its array is built).
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import logging
 import zlib
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -65,6 +66,8 @@ MAX_IMAGE_BYTES = 4 * 1024**2
 MAX_PENDING = 4
 #: Scans whose loaded model (and samples) are kept.
 CACHED_SCANS = 2
+#: Decoded clean samples up to this size stay with their scan's model; larger sets are decoded for each request.
+CACHED_SAMPLES_BYTES = 64 * 1024**2
 #: Triggers stamped per request at most (a scan that flags more classes shows the first ones).
 MAX_STAMPED = 10
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -182,7 +185,12 @@ def decode_image(content: bytes, shape: tuple[int, int, int]) -> torch.Tensor:
 def _decode_png(content: bytes, shape: tuple[int, int, int]) -> torch.Tensor:
     channels, height, width = shape
     if channels not in (1, 3):
-        raise _shape_mismatch("a PNG", shape) from None
+        raise ServiceError(
+            HTTPStatus.UNPROCESSABLE_ENTITY,
+            "image_shape_mismatch",
+            f"the model takes {channels} channels, which a PNG cannot carry here (grayscale or RGB): send an .npy",
+            expected=list(shape),
+        )
     try:
         with Image.open(io.BytesIO(content), formats=["PNG"]) as picture:
             if picture.size != (width, height):
@@ -371,8 +379,7 @@ class ImageTrials:
         """:meth:`try_on` in the one worker thread."""
         if self._limiter is None:
             self._limiter = anyio.CapacityLimiter(1)
-        work: Callable[[], TryResult] = lambda: self.try_on(scan, request)  # noqa: E731
-        return await anyio.to_thread.run_sync(work, limiter=self._limiter)
+        return await anyio.to_thread.run_sync(functools.partial(self.try_on, scan, request), limiter=self._limiter)
 
     def try_on(self, scan: Scan, request: TryRequest) -> TryResult:
         """Load (or reuse) the scan's model, decode the image or pick the sample, stamp and explain. Blocking.
@@ -404,7 +411,6 @@ class ImageTrials:
                 "row": samples.upload_row(request.sample),
                 "label": int(samples.labels[request.sample]),
             }
-        assert scan.result is not None
         triggers, not_stamped = self._triggers(scan, loaded)
         tried = try_image(loaded.model, image, triggers)
         return TryResult.model_validate(
@@ -453,24 +459,28 @@ class ImageTrials:
         return loaded
 
     def _samples(self, loaded: _LoadedScan) -> Samples:
-        """The clean samples the scan used (the same seeded subset when the upload was larger)."""
-        if loaded.samples is None:
-            if loaded.data_path is None:
-                raise ServiceError(HTTPStatus.CONFLICT, "no_samples", "the scan has no clean samples; upload an image")
-            config = scan_config(loaded.options)
-            try:
-                loaded.samples = load_samples(
-                    loaded.data_path,
-                    input_shape=loaded.input_shape,
-                    limits=config.data_limits,
-                    max_samples=config.neural_cleanse.max_samples,
-                    seed=config.seed,
-                )
-            except ScannerError as exc:
-                raise ServiceError(
-                    HTTPStatus.CONFLICT, "no_samples", f"the scan's clean samples cannot be read: {exc.detail}"
-                ) from None
-        return loaded.samples
+        """The clean samples the scan used (the same seeded subset when the upload was larger), kept with the model
+        when they are small (:data:`CACHED_SAMPLES_BYTES`)."""
+        if loaded.samples is not None:
+            return loaded.samples
+        if loaded.data_path is None:
+            raise ServiceError(HTTPStatus.CONFLICT, "no_samples", "the scan has no clean samples; upload an image")
+        config = scan_config(loaded.options)
+        try:
+            samples = load_samples(
+                loaded.data_path,
+                input_shape=loaded.input_shape,
+                limits=config.data_limits,
+                max_samples=config.neural_cleanse.max_samples,
+                seed=config.seed,
+            )
+        except ScannerError as exc:
+            raise ServiceError(
+                HTTPStatus.CONFLICT, "no_samples", f"the scan's clean samples cannot be read: {exc.detail}"
+            ) from None
+        if samples.images.numel() * samples.images.element_size() <= CACHED_SAMPLES_BYTES:
+            loaded.samples = samples
+        return samples
 
     def _triggers(self, scan: Scan, loaded: _LoadedScan) -> tuple[dict[int, Trigger], list[tuple[int, str]]]:
         """The recovered trigger of each flagged class, and the flagged classes without one (with the reason)."""

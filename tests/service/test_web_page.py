@@ -34,7 +34,7 @@ from fastapi.testclient import TestClient
 from scanner.testing.mnist import MnistSplit
 from service.models import JobStatus, Scan
 from service.problems import ServiceError
-from service.tryout import MAX_IMAGE_BYTES, ImageTrials, check_triable
+from service.tryout import MAX_IMAGE_BYTES, ImageTrials, check_triable, decode_image
 from tests.factories import BadNetsModel, encode_image, to_uint8
 from tests.servers import wait_for
 from tests.service.conftest import API_KEY, Server, assert_problem, new_server, submit
@@ -495,3 +495,22 @@ def test_scans_whose_model_is_not_tried(
 
 def test_scan_that_can_be_tried() -> None:
     check_triable(Scan(status=JobStatus.succeeded, verdict="backdoored", options_json="{}", result_json="{}"))
+
+
+def test_decode_image_fits_the_model_s_channels_or_refuses() -> None:
+    grey = np.arange(28 * 28, dtype=np.uint8).reshape(28, 28)
+    rgb = decode_image(encode_image(grey), (3, 28, 28))  # grayscale PNG, RGB model: the channel repeated
+    assert rgb.shape == (3, 28, 28)
+    assert rgb.dtype == torch.float32
+    assert torch.equal(rgb[0], rgb[2])
+    assert torch.equal(rgb[0], torch.from_numpy(grey.astype(np.float32) / 255))
+    colour = np.stack([grey, np.zeros_like(grey), np.full_like(grey, 255)])  # (3, H, W) uint8
+    assert decode_image(encode_image(colour), (1, 28, 28)).shape == (1, 28, 28)  # RGB PNG, grey model: luminance
+    assert torch.equal(decode_image(_npy(colour), (3, 28, 28)), torch.from_numpy(colour.astype(np.float32) / 255))
+    fortran = np.asfortranarray(colour.astype(np.float64) / 255)
+    assert torch.allclose(decode_image(_npy(fortran), (3, 28, 28)), torch.from_numpy(colour.astype(np.float32) / 255))
+    for content, shape in ((encode_image(grey), (4, 28, 28)), (_npy(grey), (3, 28, 28))):
+        with pytest.raises(ServiceError) as refused:
+            decode_image(content, shape)
+        assert refused.value.code == "image_shape_mismatch"
+        assert refused.value.extra == {"expected": list(shape)}
