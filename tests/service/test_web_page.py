@@ -173,6 +173,12 @@ def test_web_page_submits_scans_reports_and_tries_an_image(
             report = page.frame_locator("#report")
             expect(report.locator("#verdict .verdict")).to_have_text("BACKDOORED")
             expect(report.locator(f"#nc-class-{target} h3")).to_contain_text(f"Class {target}")
+            with page.expect_download() as download:
+                page.get_by_role("link", name="Download the report (HTML)").click()
+            assert download.value.suggested_filename == f"backdoor-scan-report-{scan_id}.html"
+            saved = tmp_path / download.value.suggested_filename
+            download.value.save_as(saved)
+            assert saved.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
 
             # Try one of the scan's clean samples, then an image of our own.
             try_sample(page)
