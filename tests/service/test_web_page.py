@@ -139,10 +139,13 @@ def test_web_page_submits_scans_reports_and_tries_an_image(
             # Submit the backdoored model with clean samples through the form.
             page.locator("#submit-form input[name=model]").set_input_files(service_files["badnets"])
             page.locator("#submit-form input[name=data]").set_input_files(service_files["data"])
+            page.get_by_role("checkbox", name="spectral signatures").uncheck()  # no training data; a quicker scan
+            page.get_by_role("checkbox", name="max margin (data-free)").uncheck()
             with page.expect_response(lambda r: r.url.endswith("/v1/scans") and r.request.method == "POST") as sent:
                 page.get_by_role("button", name="Scan", exact=True).click()
             assert sent.value.status == 202, sent.value.text()
             scan_id = sent.value.json()["id"]
+            assert sent.value.json()["options"] == {"detectors": ["neural_cleanse"]}
             expect(page.locator("#submit-status")).to_have_text("Queued: badnets.pt2.")
 
             # Live progress: the row shows a progress bar while the scan runs, then the verdict.
@@ -282,7 +285,8 @@ def backdoored_scan(ui_server: Server, service_files: dict[str, Path]) -> dict[s
         for scan in client.get("/v1/scans", params={"status": "succeeded"}).json()["items"]:
             if scan["model"]["filename"] == "badnets.pt2" and scan["data"] is not None:
                 return dict(scan)
-        created = submit(client, {"model": service_files["badnets"], "data": service_files["data"]})
+        uploads = {"model": service_files["badnets"], "data": service_files["data"]}
+        created = submit(client, uploads, detectors="neural_cleanse")  # what the browser test submits
         assert created.status_code == 202, created.text
         scan = wait_for(client, created.json()["id"], timeout=300)
     assert scan["status"] == "succeeded", scan
