@@ -50,9 +50,13 @@ __all__ = [
     "MAX_PENDING",
     "TEXT_FIELDS",
     "ImageTrials",
+    "TryRequest",
     "TryResult",
+    "check_triable",
     "decode_image",
+    "read_npy",
     "try_form_schema",
+    "try_request",
 ]
 
 logger = logging.getLogger(__name__)
@@ -439,6 +443,8 @@ class ImageTrials:
             raise ServiceError(
                 HTTPStatus.CONFLICT, "model_not_loadable", f"the scan's model cannot be loaded: {exc.detail}"
             ) from None
+        except OSError:  # deleted since the scan was read
+            raise ServiceError(HTTPStatus.CONFLICT, "model_not_loadable", "the scan's model file is gone") from None
         input_shape = model.input_shape or _result_shape(scan.result)
         if input_shape is None:
             raise ServiceError(

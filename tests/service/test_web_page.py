@@ -34,7 +34,7 @@ from fastapi.testclient import TestClient
 from scanner.testing.mnist import MnistSplit
 from service.models import JobStatus, Scan
 from service.problems import ServiceError
-from service.tryout import MAX_IMAGE_BYTES, ImageTrials, check_triable, decode_image
+from service.tryout import MAX_IMAGE_BYTES, ImageTrials, TryRequest, check_triable, decode_image
 from tests.factories import BadNetsModel, encode_image, to_uint8
 from tests.servers import wait_for
 from tests.service.conftest import API_KEY, Server, assert_problem, new_server, submit
@@ -524,3 +524,12 @@ def test_decode_image_fits_the_model_s_channels_or_refuses() -> None:
             decode_image(content, shape)
         assert refused.value.code == "image_shape_mismatch"
         assert refused.value.extra == {"expected": list(shape)}
+
+
+def test_try_on_a_scan_whose_files_are_gone(tmp_path: Path) -> None:
+    """Deleted between the lookup and the load: a 409, not a 500."""
+    scan = Scan(id="0" * 32, status=JobStatus.succeeded, verdict="clean", options_json="{}", result_json="{}")
+    with pytest.raises(ServiceError) as refused:
+        ImageTrials(tmp_path).try_on(scan, TryRequest(sample=0))
+    assert refused.value.status == 409
+    assert refused.value.code == "model_not_loadable"
