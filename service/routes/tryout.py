@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import secrets
 from http import HTTPStatus
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 
 from service.deps import ApiKeyDep, StateDep
-from service.problems import PROBLEM_JSON, ServiceError
+from service.models import JobKind
+from service.problems import ServiceError
+from service.routes.common import AUTH_RESPONSES, problem_response
 from service.storage import ScanFiles, multipart_boundary, parse_upload
 from service.tryout import (
     FILE_FIELDS,
@@ -34,31 +36,29 @@ def get_trials(request: Request) -> ImageTrials:
 TrialsDep = Annotated[ImageTrials, Depends(get_trials)]
 
 
-def _problem(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {PROBLEM_JSON: {}}}
-
-
 @router.post(
     "/{scan_id}/try",
     response_model=TryResult,
     openapi_extra={"requestBody": try_form_schema()},
     responses={
-        401: _problem("missing or invalid API key"),
-        404: _problem("no such scan"),
-        409: _problem(
+        **AUTH_RESPONSES,
+        404: problem_response("no such scan"),
+        409: problem_response(
             "the scan has not succeeded, its model is unsafe, runs code or cannot be loaded, its input size is "
             "unknown, or it has no clean samples to pick from"
         ),
-        413: _problem(f"the image is larger than {MAX_IMAGE_BYTES // 2**20} MiB"),
-        415: _problem("not multipart/form-data, or the image is neither PNG nor .npy"),
-        422: _problem("no image or sample, both, an invalid image, a size the model does not take, a bad sample"),
-        429: _problem("too many images are being tried at once: retry after Retry-After seconds"),
+        413: problem_response(f"the image is larger than {MAX_IMAGE_BYTES // 2**20} MiB"),
+        415: problem_response("not multipart/form-data, or the image is neither PNG nor .npy"),
+        422: problem_response(
+            "no image or sample, or both; an invalid image, a size the model does not take, a bad sample"
+        ),
+        429: problem_response("too many images are being tried at once: retry after Retry-After seconds"),
     },
 )
 async def try_an_image(scan_id: str, request: Request, state: StateDep, trials: TrialsDep) -> TryResult:
     """Try an image (PNG or .npy upload, or one of the scan's clean samples) on a succeeded scan's model: the
     prediction, confidence and Grad-CAM as it is and with each flagged class's recovered trigger stamped on."""
-    scan = await run_in_threadpool(state.store.get, scan_id)
+    scan = await run_in_threadpool(state.store.get_kind, scan_id, JobKind.scan)  # a repair's id is no scan
     if scan is None:
         raise ServiceError(HTTPStatus.NOT_FOUND, "scan_not_found", f"no scan with id {scan_id!r}")
     check_triable(scan)
