@@ -12,7 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from service.deps import ApiKeyDep, StateDep
 from service.models import JobKind
 from service.problems import ServiceError
-from service.routes.common import AUTH_RESPONSES, problem_response
+from service.routes.common import AUTH_RESPONSES, job_or_404, problem_response
 from service.storage import ScanFiles, multipart_boundary, parse_upload
 from service.tryout import (
     FILE_FIELDS,
@@ -58,9 +58,8 @@ TrialsDep = Annotated[ImageTrials, Depends(get_trials)]
 async def try_an_image(scan_id: str, request: Request, state: StateDep, trials: TrialsDep) -> TryResult:
     """Try an image (PNG or .npy upload, or one of the scan's clean samples) on a succeeded scan's model: the
     prediction, confidence and Grad-CAM as it is and with each flagged class's recovered trigger stamped on."""
-    scan = await run_in_threadpool(state.store.get_kind, scan_id, JobKind.scan)  # a repair's id is no scan
-    if scan is None:
-        raise ServiceError(HTTPStatus.NOT_FOUND, "scan_not_found", f"no scan with id {scan_id!r}")
+    found = await run_in_threadpool(state.store.get_kind, scan_id, JobKind.scan)  # a repair's id is no scan
+    scan = job_or_404(found, scan_id, "scan")
     check_triable(scan)
     content_type = request.headers.get("content-type")
     try:
