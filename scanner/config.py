@@ -436,7 +436,7 @@ class ScanConfig:
 
 @dataclass(frozen=True)
 class RepairConfig:
-    """Hyper-parameters of :func:`scanner.repair.unlearn`.
+    """Hyper-parameters of :func:`scanner.repair.unlearn` and :func:`scanner.repair.repair_checkpoint`.
 
     Attributes:
         epochs: passes over the training part of the clean samples.
@@ -444,7 +444,8 @@ class RepairConfig:
             the stamped samples and small on the clean ones the model already fits; Adam's sign-like steps moved
             every weight and cost 3-4 points of clean accuracy on the bench at any rate that removed the backdoor.
         batch_size: samples per step.
-        stamp_fraction: share of each batch stamped with a reversed trigger (label kept), redrawn every epoch.
+        stamp_fraction: share of each batch stamped with a reversed trigger (label kept), redrawn every epoch. 0.4
+            left a real-trigger success of 8% at most on the bench where 0.2 left 13%, at the same accuracy.
         held_out_fraction: share of the clean samples kept out of the fine-tuning to measure it.
         max_accuracy_drop: the largest loss of held-out clean accuracy (absolute, 0..1) a repair may cost.
         distill: weight of a distillation term that keeps the repaired model's outputs on the unstamped samples

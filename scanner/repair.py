@@ -6,13 +6,13 @@ that the scan reversed, each kept at its true label, so the model learns that th
 distillation term keeps the unstamped samples' outputs where the original model had them.
 
 Measured on the coverage bench's models (``bench/repair.py``): with 500 clean samples the real trigger's success
-fell below 10% at under 1 point of clean accuracy; with 200 the same removal cost 2-8 points. Give as many clean
-samples as you can.
+fell below 10% (0.007-0.082) on all 13 models with a reversed trigger, at 1.4 points of clean accuracy at most; with
+200 the same removal cost 2-8 points (first increment). Give as many clean samples as you can.
 
 The clean samples are split first (seeded): the fine-tuning sees only the training part, and the held-out part
-measures, before and after, the clean accuracy and the attack success rate of each reversed trigger. Whether the
-repair is good enough is the caller's decision (:attr:`RepairResult.accuracy_drop` against a bound), on numbers the
-fine-tuning never saw.
+measures, before and after, the clean accuracy and the attack success rate of each reversed trigger.
+:func:`unlearn` leaves the judgement to its caller; :func:`repair_checkpoint` (the CLI's and the service's) holds it
+to ``max_accuracy_drop``, saves the model and scans the saved file again.
 """
 
 from __future__ import annotations
