@@ -72,7 +72,8 @@ class Scan(Base):
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    kind: Mapped[str] = mapped_column(String(16), index=True, default=JobKind.scan, server_default="scan")
+    #: no Python-side default: an insert that names no kind (as code written before repairs does) gets the server's
+    kind: Mapped[str] = mapped_column(String(16), index=True, server_default=JobKind.scan.value)
     #: a repair's scan
     parent_id: Mapped[str | None] = mapped_column(String(32), index=True)
     status: Mapped[str] = mapped_column(String(16), index=True)

@@ -200,6 +200,8 @@ def check_migration_keeps_existing_duplicates(engine: Engine) -> None:
 
     with engine.connect() as connection:
         after = {row.id: (row.status, row.duplicate_of) for row in connection.execute(select(Scan))}
+        kinds = {(row.kind, row.parent_id) for row in connection.execute(select(Scan))}
+    assert kinds == {("scan", None)}  # 0004: every job made before repairs is a scan
     assert after == {
         "a-old-succeeded": ("succeeded", "a-newest"),
         "a-old-queued": ("queued", "a-newest"),

@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic.script import ScriptDirectory
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import make_url
 
+import service.db
 from service.config import Settings
 from service.db import create_db_engine, migrate
 from service.jobs import FileInfo, JobStore, NewScan, new_scan_id, utcnow
@@ -244,7 +246,9 @@ def test_concurrent_starts_migrate_postgresql_once(postgres_url: str, tmp_path: 
             versions = connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all()
     finally:
         engine.dispose()
-    assert versions == ["0003"]
+    head = ScriptDirectory(str(Path(service.db.__file__).parent / "migrations")).get_current_head()
+    assert versions == [head]
+    assert head == "0004"  # a new revision: bump this, and check that it migrates a database at the one before
 
 
 def test_job_table_on_postgresql(postgres_url: str) -> None:
