@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import io
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -34,6 +33,7 @@ from torch.nn import functional as F
 from scanner.classifier import NormalizedClassifier, check_samples, predict, with_normalization
 from scanner.config import ModelOptions, RepairConfig, ScanConfig
 from scanner.detectors import Progress
+from scanner.detectors.base import rounded
 from scanner.errors import InvalidDataError, ScannerError
 from scanner.loading import load_model, load_samples
 from scanner.loading.exported import ExportedClassifier
@@ -329,8 +329,8 @@ class RepairReport:
             },
             "trigger_attack_success_rate": {
                 str(target): {
-                    "before": _rounded(result.trigger_asr_before[target]),
-                    "after": _rounded(result.trigger_asr_after[target]),
+                    "before": rounded(result.trigger_asr_before[target]),
+                    "after": rounded(result.trigger_asr_after[target]),
                 }
                 for target in sorted(result.trigger_asr_before)
             },
@@ -339,10 +339,6 @@ class RepairReport:
             "files": list(self.files),
             "duration_s": round(result.duration_s, 3),
         }
-
-
-def _rounded(value: float) -> float | None:
-    return None if math.isnan(value) else round(value, 4)
 
 
 def repair_checkpoint(

@@ -38,10 +38,12 @@ from scanner.classifier import with_normalization
 from scanner.errors import ScannerError
 from scanner.evidence import Tried, TriedImage, try_image
 from scanner.loading import Samples, load_model, load_samples
+from scanner.repair import RepairUnsupportedError, read_triggers
 from scanner.trigger import Trigger
 from service.models import JobStatus, Scan
 from service.options import ScanOptions, scan_config
 from service.problems import ServiceError
+from service.repairs import flagged_triggers
 from service.storage import ParsedUpload, ScanFiles
 
 __all__ = [
@@ -492,10 +494,7 @@ class ImageTrials:
         """The recovered trigger of each flagged class, and the flagged classes without one (with the reason)."""
         result = scan.result or {}
         flagged = sorted({int(k) for k in result.get("flagged_classes") or [] if isinstance(k, int)})
-        neural_cleanse = (result.get("detectors") or {}).get("neural_cleanse") or {}
-        reversed_classes = (
-            set(neural_cleanse.get("flagged_classes") or []) if neural_cleanse.get("status") == "ok" else set()
-        )
+        reversed_classes = set(flagged_triggers(scan))
         triggers: dict[int, Trigger] = {}
         missing: list[tuple[int, str]] = []
         for k in flagged:
@@ -516,16 +515,14 @@ class ImageTrials:
 
     def _read_trigger(self, scan_id: str, k: int, shape: tuple[int, int, int]) -> Trigger | str:
         files = ScanFiles(self.scans_dir, scan_id)
-        channels, height, width = shape
         try:
-            mask = read_npy(_artifact(files, f"nc-class-{k}-mask.npy"), ((height, width),), "the mask")
-            pattern = read_npy(
-                _artifact(files, f"nc-class-{k}-pattern.npy"), ((channels, height, width),), "the pattern"
-            )
-        except (ServiceError, OSError) as exc:
+            trigger = read_triggers([k], lambda name: _artifact(files, name))[k]
+            if trigger.image_shape != shape:
+                raise RepairUnsupportedError(f"the trigger is {trigger.image_shape}, the model takes {shape}")
+        except RepairUnsupportedError as exc:
             logger.warning("trigger of class %d unusable: %s", k, exc, extra={"scan_id": scan_id})
             return "the recovered trigger's files are missing or invalid"
-        return Trigger(mask=torch.from_numpy(mask), pattern=torch.from_numpy(pattern))
+        return trigger
 
 
 def _artifact(files: ScanFiles, name: str) -> bytes:
