@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from scanner.config import ModelOptions, ScanConfig
-from scanner.errors import InvalidDataError, InvalidOptionError
+from scanner.errors import InvalidDataError, InvalidOptionError, ScanCancelled
 from scanner.loading import load_model
 from scanner.repair import (
     MIN_SAMPLES,
@@ -198,3 +198,29 @@ def test_a_repair_needs_enough_clean_samples(
         repair_checkpoint(
             repair_files["model"], few, {badnets.target: badnets.trigger}, tmp_path, scan_config=STATE_DICT, device=CPU
         )
+
+
+@pytest.mark.parametrize("stage", ["unlearning", "rescan"])
+def test_a_repair_stops_at_its_next_progress_point(
+    stage: str, tmp_path: Path, badnets: BadNetsModel, repair_files: dict[str, Path]
+) -> None:
+    """A cancel (the progress callback raising) stops the repair within a batch or a re-scan step, nothing kept."""
+    calls: list[str] = []
+
+    def progress(fraction: float, current: str, message: str) -> None:
+        calls.append(current)
+        if current == stage:
+            raise ScanCancelled("cancelled by request")
+
+    with pytest.raises(ScanCancelled):
+        repair_checkpoint(
+            repair_files["model"],
+            repair_files["data"],
+            {badnets.target: badnets.trigger},
+            tmp_path / "out",
+            scan_config=STATE_DICT,
+            device=CPU,
+            progress=progress,
+        )
+    assert calls[-1] == stage
+    assert "done" not in calls
