@@ -456,6 +456,12 @@ class RepairConfig:
         rounds: at most this many unlearning rounds in :func:`scanner.repair.repair_checkpoint`: while the re-scan
             of the repaired model reverses a trigger again, the original is unlearned once more with it too.
         max_samples: clean samples read from the data file at most.
+        margin_weight: weight of the margin term (0 turns it off): for each repaired class, a pool of inputs is
+            kept ascending the class's logit margin on the model being fine-tuned (the maximum-margin statistic's
+            own search), and the margin they reach above the class's cap is penalised. This is MM-BD's mitigation
+            idea (Wang et al., IEEE S&P 2024: lower the margin a class can reach on any input) applied to the weights.
+        margin_pool: inputs per repaired class in that pool.
+        margin_steps: Adam steps the pool takes on the current model before every fine-tuning batch.
     """
 
     epochs: int = 20
@@ -468,6 +474,9 @@ class RepairConfig:
     stamp_shift: float = 0.0
     rounds: int = 3
     max_samples: int = 10_000
+    margin_weight: float = 1.0
+    margin_pool: int = 8
+    margin_steps: int = 3
 
     def __post_init__(self) -> None:
         checks = {
@@ -481,5 +490,8 @@ class RepairConfig:
             "stamp_shift": 0 <= self.stamp_shift <= 0.5,
             "rounds": 1 <= self.rounds <= 10,
             "max_samples": 4 <= self.max_samples <= 1_000_000,
+            "margin_weight": 0 <= self.margin_weight <= 100,
+            "margin_pool": 1 <= self.margin_pool <= 256,
+            "margin_steps": 1 <= self.margin_steps <= 100,
         }
         refuse_invalid(checks, "repair")

@@ -34,11 +34,14 @@ from scanner.classifier import NormalizedClassifier, check_samples, predict, wit
 from scanner.config import ModelOptions, RepairConfig, ScanConfig
 from scanner.detectors import Progress
 from scanner.detectors.base import rounded
-from scanner.errors import InvalidDataError, ScannerError
+from scanner.errors import InvalidDataError, ScannerError, UndecidableError
 from scanner.loading import load_model, load_samples
 from scanner.loading.exported import ExportedClassifier
 from scanner.loading.state_dict import STATE_DICT_FORMATS
 from scanner.loading.types import ModelFormat, one_line
+from scanner.max_margin import MIN_CLASSES as MARGIN_MIN_CLASSES
+from scanner.max_margin import margins, max_margin
+from scanner.neural_cleanse import reverse_engineer_triggers
 from scanner.pipeline import scan
 from scanner.trigger import Trigger, attack_success_rate
 from scanner.verdict import Verdict
@@ -128,6 +131,7 @@ def unlearn(
     device: torch.device,
     seed: int = 0,
     extra: Sequence[Trigger] = (),
+    margin_caps: Mapping[int, float] | None = None,
     progress: Callable[[float, str], None] | None = None,
 ) -> RepairResult:
     """Fine-tune a copy of ``model`` so that the reversed ``triggers`` no longer change its predictions.
@@ -141,6 +145,9 @@ def unlearn(
         device: where the model runs.
         seed: seeds the split, the batch order and the stamped rows (CPU generators).
         extra: more triggers to stamp (a re-scan of a repaired model reversed them), not measured.
+        margin_caps: class -> the largest logit margin it should reach on any input in [0, 1]; with
+            ``config.margin_weight`` > 0 the margin term (see :class:`~scanner.config.RepairConfig`) holds each
+            of these classes under its cap. None: no margin term.
         progress: called with ``(fraction, message)`` before every batch (it may raise to stop).
 
     Returns:
@@ -169,8 +176,15 @@ def unlearn(
         parameter.requires_grad_(True)
     optimiser = torch.optim.SGD(parameters, lr=config.lr, momentum=0.9)
     stamps = [*triggers.values(), *extra]
+    pool = (
+        _MarginPool(margin_caps, images.shape[1:], config, device, generator)
+        if margin_caps and config.margin_weight > 0
+        else None
+    )
     for epoch in range(config.epochs):
         report(epoch / config.epochs, f"unlearning: epoch {epoch + 1} of {config.epochs}")
+        if pool is not None and epoch > 0:
+            pool.refresh(generator)
         shuffled = torch.randperm(len(train_labels), generator=generator)
         stamped_rows = torch.rand(len(train_labels), generator=generator) < config.stamp_fraction
         which = torch.randint(len(stamps), (len(train_labels),), generator=generator)
@@ -195,6 +209,9 @@ def unlearn(
                     reference = F.log_softmax(model(x[clean]), dim=1)
                 kept = F.kl_div(F.log_softmax(logits[clean], dim=1), reference, log_target=True, reduction="batchmean")
                 loss = loss + config.distill * kept
+            if pool is not None:
+                pool.ascend(repaired)
+                loss = loss + config.margin_weight * pool.excess(repaired)
             loss.backward()  # type: ignore[no-untyped-call]
             optimiser.step()
     for parameter in parameters:
@@ -214,6 +231,67 @@ def unlearn(
     )
 
 
+class _MarginPool:
+    """Inputs that keep searching, on the model being fine-tuned, for the largest margin of each capped class: the
+    maximum-margin statistic's search (Adam ascent from random images in [0, 1]) run alongside the fine-tuning, so
+    the penalty acts where the margin is largest now, not where it was on the original model."""
+
+    def __init__(
+        self,
+        caps: Mapping[int, float],
+        shape: Sequence[int],
+        config: RepairConfig,
+        device: torch.device,
+        generator: torch.Generator,
+    ):
+        classes = sorted(caps)
+        self.targets = torch.tensor(classes, device=device).repeat_interleave(config.margin_pool)
+        self.caps = torch.tensor([caps[k] for k in classes], device=device).repeat_interleave(config.margin_pool)
+        self.shape = tuple(int(d) for d in shape)
+        self.steps = config.margin_steps
+        self.device = device
+        self.images = torch.rand((len(self.targets), *self.shape), generator=generator).to(device)
+        self.images.requires_grad_(True)
+        self.optimiser = torch.optim.Adam([self.images], lr=_POOL_LR)
+        self.last = torch.full((len(self.targets),), -float("inf"), device=device)
+
+    def refresh(self, generator: torch.Generator) -> None:
+        """Restart the half of each class's pool that reached the smaller margins from new random images (the
+        search keeps exploring; the other half keeps climbing)."""
+        pool = len(self.targets) // len(torch.unique(self.targets))
+        if pool < 2:
+            return
+        margins_now = self.last.view(-1, pool)
+        low = (
+            margins_now.argsort(dim=1)[:, : pool // 2]
+            + torch.arange(0, len(self.targets), pool, device=self.device)[:, None]
+        )
+        rows = low.flatten()
+        with torch.no_grad():
+            self.images[rows] = torch.rand((len(rows), *self.shape), generator=generator).to(self.device)
+        self.optimiser = torch.optim.Adam([self.images], lr=_POOL_LR)
+
+    def ascend(self, model: nn.Module) -> None:
+        """``steps`` Adam steps up each input's margin on ``model`` (its parameters get no gradient)."""
+        for _ in range(self.steps):
+            margin = margins(model(self.images), self.targets)
+            (gradient,) = torch.autograd.grad(-margin.sum(), self.images)
+            self.images.grad = gradient
+            self.optimiser.step()
+            with torch.no_grad():
+                self.images.clamp_(0.0, 1.0)
+
+    def excess(self, model: nn.Module) -> torch.Tensor:
+        """The mean margin above the caps (differentiable in the model's parameters)."""
+        margin = margins(model(self.images.detach()), self.targets)
+        self.last = margin.detach()
+        return F.relu(margin - self.caps).mean()
+
+
+#: The pool's Adam step, the maximum-margin search's (``MaxMarginConfig.lr``).
+_POOL_LR = 0.05
+
+
 # -- a checkpoint in, a repaired checkpoint out ------------------------------------------------------------------
 
 
@@ -231,6 +309,9 @@ class RepairUnsupportedError(ScannerError):
 
 #: Fewer clean samples cannot be split into a fine-tuning part and a held-out part that measures anything.
 MIN_SAMPLES = 50
+#: The share of a repair's progress before the first round: the original's margins, and the triggers of classes
+#: flagged without one.
+_BEFORE = 0.05
 #: The files a repair writes into its output directory.
 REPAIRED_PT2 = "repaired.pt2"
 REPAIRED_SAFETENSORS = "repaired.safetensors"
@@ -301,6 +382,7 @@ class RepairReport:
         rescan: the verdict of the re-scan of the saved ``.pt2`` (the last round's), through the upload path.
         files: the names written into the output directory.
         max_accuracy_drop: the bound the repair was held to.
+        margin_caps: class -> the largest logit margin the fine-tuning held it under (None: no margin term).
     """
 
     result: RepairResult
@@ -308,6 +390,7 @@ class RepairReport:
     rescan: Verdict
     files: tuple[str, ...]
     max_accuracy_drop: float
+    margin_caps: Mapping[int, float] | None = None
 
     @property
     def repaired(self) -> bool:
@@ -334,6 +417,9 @@ class RepairReport:
                 }
                 for target in sorted(result.trigger_asr_before)
             },
+            "margin_caps": None
+            if self.margin_caps is None
+            else {str(k): rounded(v) for k, v in sorted(self.margin_caps.items())},
             "samples": {"fine_tuning": result.train_samples, "held_out": result.held_out_samples},
             "rescan": self.rescan.to_dict(),
             "files": list(self.files),
@@ -347,6 +433,7 @@ def repair_checkpoint(
     triggers: Mapping[int, Trigger],
     output_dir: Path,
     *,
+    classes: Sequence[int] = (),
     scan_config: ScanConfig,
     config: RepairConfig = RepairConfig(),
     device: torch.device,
@@ -375,8 +462,9 @@ def repair_checkpoint(
         ScannerError: the model or the samples cannot be loaded (as in a scan).
     """
     report = progress or (lambda fraction, stage, message: None)
-    if not triggers:
-        raise RepairUnsupportedError("the scan reversed no trigger: there is nothing to unlearn")
+    targets = sorted({*triggers, *classes})
+    if not targets:
+        raise RepairUnsupportedError("the scan flagged no class: there is nothing to unlearn")
     report(0.0, "loading", "loading the model and the clean samples")
     loaded = load_model(model_path, scan_config.model, device)
     if loaded.format is ModelFormat.torchscript:
@@ -393,16 +481,43 @@ def repair_checkpoint(
         raise InvalidDataError(
             f"a repair needs at least {MIN_SAMPLES} clean samples (500 or more is better), got {len(samples.labels)}"
         )
-    check_samples(model, samples.images, samples.labels, num_classes=loaded.num_classes, device=device)
+    num_classes = check_samples(model, samples.images, samples.labels, num_classes=loaded.num_classes, device=device)
     input_shape = loaded.input_shape or _image_shape(samples.images)
     images, labels = samples.images.to(device), samples.labels.to(device)
+    if any(not 0 <= k < num_classes for k in targets):
+        raise RepairUnsupportedError(
+            f"the classes to repair {targets} are not all classes of a {num_classes}-class model"
+        )
+    # the data-free test on the original: the other classes' margins set the cap of the repaired ones, and a class
+    # it flags is repaired too
+    statistics: Sequence[float] = ()
+    if num_classes >= MARGIN_MIN_CLASSES:
+        try:
+            original_margins = max_margin(
+                model, num_classes, input_shape, scan_config.max_margin, device=device, seed=scan_config.seed,
+                progress=lambda fraction, message: report(0.02 * fraction, "margins", message),
+            )  # fmt: skip
+        except UndecidableError:  # no margins to hold the repaired classes to: unlearning alone
+            pass
+        else:
+            statistics = original_margins.statistics
+            targets = sorted({*targets, *original_margins.flagged_classes})
+    triggers = dict(triggers)
+    missing = [k for k in targets if k not in triggers]
+    if missing:  # flagged by another detector: unlearn the smallest trigger Neural Cleanse finds for the class
+        reversed_ = reverse_engineer_triggers(
+            model, images, num_classes, scan_config.neural_cleanse, seed=scan_config.seed, classes=missing,
+            progress=lambda fraction, message: report(0.02 + 0.03 * fraction, "reversing", message),
+        )  # fmt: skip
+        triggers.update({k: Trigger(mask=t.mask, pattern=t.pattern) for k, t in zip(missing, reversed_, strict=True)})
+    caps = _margin_caps(statistics, targets)
     output_dir.mkdir(parents=True, exist_ok=True)
     rescan_config = replace(scan_config, detectors=RESCAN_DETECTORS, model=_exported_options(scan_config.model))
     extra: list[Trigger] = []
-    share = 1.0 / config.rounds
+    share = (1.0 - _BEFORE) / config.rounds
     kept: RepairReport | None = None
     for round_index in range(config.rounds):
-        label, start = f"round {round_index + 1}", round_index * share
+        label, start = f"round {round_index + 1}", _BEFORE + round_index * share
         result = unlearn(
             model,
             images,
@@ -412,6 +527,7 @@ def repair_checkpoint(
             device=device,
             seed=scan_config.seed,
             extra=extra,
+            margin_caps=caps,
             progress=_within(report, start, 0.3 * share, label),
         )
         if result.accuracy_drop > config.max_accuracy_drop + 1e-9:  # 3 of 150 samples is 2.0%, within a 2% bound
@@ -437,14 +553,29 @@ def repair_checkpoint(
             rescan=rescan,
             files=files,
             max_accuracy_drop=config.max_accuracy_drop,
+            margin_caps=caps if config.margin_weight > 0 else None,
         )
         reversed_again = rescan.detectors["neural_cleanse"].flagged_classes
-        if not reversed_again:
-            break
+        margin = rescan.detectors.get("max_margin")
+        margin_again = [k for k in (margin.flagged_classes if margin else ()) if k not in (caps or {})]
+        if not (reversed_again or (margin_again and statistics)):
+            break  # nothing new to unlearn: another round would repeat this one
         extra += read_triggers(reversed_again, rescan.detectors["neural_cleanse"].artifacts.__getitem__).values()
+        caps = _margin_caps(statistics, [*(caps or {}), *margin_again, *reversed_again])
     assert kept is not None  # the first round either raised or kept its result
     report(1.0, "done", "repair finished")
     return kept
+
+
+def _margin_caps(statistics: Sequence[float], classes: Sequence[int]) -> dict[int, float] | None:
+    """The margin each repaired class is held under: the median maximum margin of the other classes on the original
+    model (what a class without a backdoor reaches there). None without statistics (fewer than 5 classes, or the
+    test could not measure them)."""
+    if not statistics:
+        return None
+    others = [value for k, value in enumerate(statistics) if k not in set(classes)]
+    cap = float(np.median(others or statistics))
+    return dict.fromkeys(sorted(set(classes)), cap)
 
 
 def _save(

@@ -128,9 +128,10 @@ def _add_repair_parser(commands: Any) -> None:
 
     repair = commands.add_parser(
         "repair",
-        help="remove a backdoor locally: scan with Neural Cleanse, unlearn the reversed triggers, re-scan",
-        description="Scan MODEL with Neural Cleanse on --data; fine-tune it on --data with each flagged class's "
-        "reversed trigger stamped on (unlearning), check it on held-out samples, write it to --output (.pt2; "
+        help="remove a backdoor locally: scan, unlearn the flagged classes' reversed triggers and margins, re-scan",
+        description="Scan MODEL with Neural Cleanse on --data and the data-free test; fine-tune it on --data with "
+        "each flagged class's reversed trigger stamped on (unlearning) and its largest margin held down, check it on "
+        "held-out samples, write it to --output (.pt2; "
         "a state_dict input also gets a .safetensors beside it) and scan the written file again. Exit 0: repaired "
         "(the re-scan flags nothing) or nothing to repair; 1: the re-scan still flags a class (the file is written); "
         "2: an error, or a repair that cost more clean accuracy than --max-accuracy-drop (nothing written).",
@@ -475,12 +476,12 @@ def _cmd_scan(args: argparse.Namespace) -> int:
 
 def _cmd_repair(args: argparse.Namespace) -> int:
     from scanner import resolve_device, scan
-    from scanner.repair import REPAIRED_PT2, REPAIRED_SAFETENSORS, read_triggers, repair_checkpoint
+    from scanner.repair import REPAIRED_PT2, REPAIRED_SAFETENSORS, RESCAN_DETECTORS, read_triggers, repair_checkpoint
     from service.options import RepairOptions, parse_fields, scan_config
 
     options = scan_options(args)
     repair_options = parse_fields(RepairOptions, {"max_accuracy_drop": args.max_accuracy_drop})
-    config = replace(scan_config(options), detectors=("neural_cleanse",))
+    config = replace(scan_config(options), detectors=RESCAN_DETECTORS)
     device = resolve_device(args.device)
 
     def progress(fraction: float, stage: str, message: str) -> None:
@@ -488,15 +489,15 @@ def _cmd_repair(args: argparse.Namespace) -> int:
 
     verdict = scan(args.model, config, device, data_path=args.data, progress=progress)
     found = verdict.detectors["neural_cleanse"]
-    if found.status.value == "error":
+    if found.status.value == "error" and not verdict.flagged_classes:
         _fail(found.code or "scanner_error", f"Neural Cleanse could not decide, so there is no trigger to unlearn: "
               f"{found.detail}")  # fmt: skip
-    if not found.flagged_classes:
-        print(
-            f"backdoor-scan: Neural Cleanse flagged no class of {args.model.name}: nothing to repair, nothing written"
-        )
+    if not verdict.flagged_classes:
+        print(f"backdoor-scan: no class of {args.model.name} is flagged: nothing to repair, nothing written")
         return EXIT_CLEAN
-    triggers = read_triggers(found.flagged_classes, found.artifacts.__getitem__)
+    # Neural Cleanse reverses every class: each flagged class's trigger, whichever detector flagged it
+    with_trigger = verdict.flagged_classes if found.status.value == "ok" else ()
+    triggers = read_triggers(with_trigger, found.artifacts.__getitem__)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.output.parent, prefix=".repair-") as work:
         report = repair_checkpoint(
@@ -504,6 +505,7 @@ def _cmd_repair(args: argparse.Namespace) -> int:
             args.data,
             triggers,
             Path(work),
+            classes=verdict.flagged_classes,
             scan_config=scan_config(options),
             config=repair_options.config(),
             device=device,

@@ -25,7 +25,14 @@ from service.options import OptionsError, RepairOptions, parse_fields
 from service.problems import ServiceError
 from service.storage import ParsedUpload, ScanFiles, keep_if_created
 
-__all__ = ["REPAIR_FILE_FIELDS", "REPAIR_TEXT_FIELDS", "TRIGGERS_DIR", "RepairRequest", "flagged_triggers"]
+__all__ = [
+    "REPAIR_FILE_FIELDS",
+    "REPAIR_TEXT_FIELDS",
+    "TRIGGERS_DIR",
+    "RepairRequest",
+    "flagged_triggers",
+    "repair_targets",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -37,12 +44,25 @@ TRIGGERS_DIR = "triggers"
 
 
 def flagged_triggers(scan: Scan) -> list[int]:
-    """The classes whose trigger Neural Cleanse reversed and flagged in a succeeded scan (what a repair unlearns)."""
+    """The classes whose trigger Neural Cleanse reversed and flagged in a succeeded scan."""
     result = scan.result or {}
     neural_cleanse = (result.get("detectors") or {}).get("neural_cleanse") or {}
     if neural_cleanse.get("status") != "ok":
         return []
     return sorted(int(k) for k in neural_cleanse.get("flagged_classes") or [])
+
+
+def repair_targets(scan: Scan) -> tuple[list[int], list[int]]:
+    """What a repair of a succeeded scan unlearns: ``(classes, with_trigger)``. ``classes`` are those the verdict
+    flags, whichever detector flagged them; ``with_trigger`` those of them whose Neural Cleanse trigger the scan
+    reversed (it reverses every class when it runs). The repair reverses the others' itself."""
+    result = scan.result or {}
+    classes = sorted(int(k) for k in result.get("flagged_classes") or [])
+    neural_cleanse = (result.get("detectors") or {}).get("neural_cleanse") or {}
+    reversed_ = {int(entry["class"]) for entry in neural_cleanse.get("classes") or [] if "class" in entry}
+    if neural_cleanse.get("status") != "ok":
+        reversed_ = set()
+    return classes, [k for k in classes if k in reversed_]
 
 
 def _link(source: Path, destination: Path) -> None:
@@ -70,8 +90,8 @@ class RepairRequest:
 
         Raises:
             ServiceError: in this order: ``scan_not_found`` (404); ``invalid_options``, ``empty_file`` (422);
-                ``scan_not_finished`` (409: the scan has not succeeded); ``nothing_to_repair`` (409: Neural Cleanse
-                flagged no class); ``repair_unsupported`` (422: a TorchScript model); ``missing_data`` (422: no clean
+                ``scan_not_finished`` (409: the scan has not succeeded); ``nothing_to_repair`` (409: no detector
+                flagged a class); ``repair_unsupported`` (422: a TorchScript model); ``missing_data`` (422: no clean
                 samples sent and the scan's are gone).
         """
         state = self.state
@@ -93,13 +113,12 @@ class RepairRequest:
                 "scan_not_finished",
                 f"the scan is {scan.status}: only a succeeded scan is repaired",
             )
-        classes = flagged_triggers(scan)
+        classes, with_trigger = repair_targets(scan)
         if not classes:
             raise ServiceError(
                 HTTPStatus.CONFLICT,
                 "nothing_to_repair",
-                f"the scan's verdict is {scan.verdict} and Neural Cleanse flagged no class: there is no reversed"
-                " trigger to unlearn",
+                f"the scan's verdict is {scan.verdict} and no detector flagged a class: there is nothing to unlearn",
             )
         if scan.model_format == "torchscript":
             raise ServiceError(
@@ -131,7 +150,7 @@ class RepairRequest:
             return existing, False
         try:
             _link(source.upload("model"), self.files.upload("model"))
-            for target in classes:
+            for target in with_trigger:
                 for kind in ("mask", "pattern"):
                     name = f"nc-class-{target}-{kind}.npy"
                     _link(source.artifacts / name, self.files.root / TRIGGERS_DIR / name)
@@ -141,7 +160,12 @@ class RepairRequest:
                 "repair_unsupported",
                 "the scan's model or reversed triggers are no longer on the server: scan the model again",
             ) from None
-        options_json: dict[str, Any] = {"scan": scan.options, "repair": stored, "classes": classes}
+        options_json: dict[str, Any] = {
+            "scan": scan.options,
+            "repair": stored,
+            "classes": classes,
+            "triggers": with_trigger,
+        }
         repair, created = state.store.create(
             NewScan(
                 id=self.repair_id,

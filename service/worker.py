@@ -226,7 +226,8 @@ def _scan(job: Scan, files: ScanFiles, device: torch.device, progress: Progress)
 
 
 def _repair(job: Scan, files: ScanFiles, device: torch.device, progress: Progress) -> tuple[JobStatus, dict[str, Any]]:
-    """Unlearn the scan's reversed triggers (``service.repairs`` linked them into the repair's directory); the
+    """Repair the scan's flagged classes with their reversed triggers (``service.repairs`` linked them into the
+    repair's directory; the repair reverses those the scan did not); the
     repaired files and the re-scan's artifacts become the repair's artifacts."""
     from scanner.render.text import write_artifacts
     from scanner.repair import read_triggers, repair_checkpoint
@@ -234,12 +235,15 @@ def _repair(job: Scan, files: ScanFiles, device: torch.device, progress: Progres
     options = job.options
     config = scan_config(ScanOptions.model_validate(options["scan"]))
     repair_config = RepairOptions.model_validate(options["repair"]).config()
-    triggers = read_triggers(options["classes"], lambda name: (files.root / TRIGGERS_DIR / name).read_bytes())
+    # "triggers": the flagged classes whose reversed trigger the scan gave (a repair queued before it existed: all)
+    with_trigger = options.get("triggers", options["classes"])
+    triggers = read_triggers(with_trigger, lambda name: (files.root / TRIGGERS_DIR / name).read_bytes())
     report = repair_checkpoint(
         files.upload("model"),
         files.upload("data"),
         triggers,
         files.artifacts,
+        classes=options["classes"],
         scan_config=config,
         config=repair_config,
         device=device,

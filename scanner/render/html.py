@@ -102,9 +102,7 @@ def render_html(
         page.neural_cleanse(_dict(detectors.get("neural_cleanse"))),
         page.spectral(_dict(detectors.get("spectral_signatures"))),
         page.max_margin(_dict(detectors.get("max_margin")), _dict(detectors.get("neural_cleanse"))),
-        _repair_section(repair, page, _Page(repair_artifacts or {}), _dict(detectors.get("neural_cleanse")))
-        if repair
-        else "",
+        _repair_section(repair, page, _Page(repair_artifacts or {}), detectors) if repair else "",
         _settings_section(verdict, detectors, settings or {}),
         _errors_section(_list(verdict.get("errors"))),
         "</main>",
@@ -283,14 +281,23 @@ def _errors_section(errors: list[Any]) -> str:
 # --- sections with images ----------------------------------------------------------------------------------------
 
 
-def _repair_section(repair: Mapping[str, Any], scan: _Page, repaired: _Page, nc: Mapping[str, Any]) -> str:
+def _repair_section(repair: Mapping[str, Any], scan: _Page, repaired: _Page, detectors: Mapping[str, Any]) -> str:
     """Before/after numbers of a repair, and each repaired class's trigger as reversed on the scanned model and on the
     repaired one (its re-scan)."""
+    nc = _dict(detectors.get("neural_cleanse"))
     accuracy = _dict(repair.get("clean_accuracy"))
     samples = _dict(repair.get("samples"))
     rescan = _dict(repair.get("rescan"))
     rates = _dict(repair.get("trigger_attack_success_rate"))
-    after_nc = _dict(_dict(rescan.get("detectors")).get("neural_cleanse"))
+    caps = _dict(repair.get("margin_caps"))
+    after_detectors = _dict(rescan.get("detectors"))
+    after_nc = _dict(after_detectors.get("neural_cleanse"))
+    margin_before = {
+        str(c.get("class")): c for c in map(_dict, _list(_dict(detectors.get("max_margin")).get("classes")))
+    }
+    margin_after = {
+        str(c.get("class")): c for c in map(_dict, _list(_dict(after_detectors.get("max_margin")).get("classes")))
+    }
     before_classes = {str(c.get("class")): c for c in map(_dict, _list(nc.get("classes")))}
     after_classes = {str(c.get("class")): c for c in map(_dict, _list(after_nc.get("classes")))}
     named = f"Repair <code>{_e(repair.get('id'))}</code>: " if repair.get("id") else ""
@@ -304,6 +311,15 @@ def _repair_section(repair: Mapping[str, Any], scan: _Page, repaired: _Page, nc:
                 True,
             )
             for target, rate in rates.items()
+        ),
+        *(
+            (
+                [f"largest margin of class {_e(target)} on any input (held under {_fmt(cap)})",
+                 _fmt(margin_before.get(target, {}).get("max_margin")),
+                 _fmt(margin_after.get(target, {}).get("max_margin"))],
+                True,
+            )
+            for target, cap in caps.items()
         ),
         (["re-scan verdict (Neural Cleanse, maximum margin)", "-", _fmt(rescan.get("verdict"))], False),
     ]  # fmt: skip

@@ -13,9 +13,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from scanner.config import ModelOptions, ScanConfig
+from scanner.config import MaxMarginConfig, ModelOptions, ScanConfig
 from scanner.errors import InvalidDataError, InvalidOptionError, ScanCancelled
 from scanner.loading import load_model
+from scanner.max_margin import max_margin
 from scanner.repair import (
     MIN_SAMPLES,
     REPAIRED_PT2,
@@ -46,6 +47,10 @@ def test_unlearning_the_trigger_removes_the_backdoor_and_keeps_clean_accuracy(
         badnets.model, mnist.test_images[unseen], mnist.test_labels[unseen], badnets.trigger, badnets.target, device=CPU
     )
     assert asr_before >= 0.9
+    shape = tuple(mnist.test_images.shape[1:])
+    margins_before = max_margin(badnets.model, 10, shape, MaxMarginConfig(), device=CPU, seed=1)
+    assert margins_before.flagged_classes == (badnets.target,)
+    cap = float(np.median([m for k, m in enumerate(margins_before.statistics) if k != badnets.target]))
 
     result = unlearn(
         badnets.model,
@@ -54,6 +59,7 @@ def test_unlearning_the_trigger_removes_the_backdoor_and_keeps_clean_accuracy(
         {badnets.target: badnets.trigger},
         device=CPU,
         seed=0,
+        margin_caps={badnets.target: cap},
     )
 
     asr_after = attack_success_rate(
@@ -72,6 +78,12 @@ def test_unlearning_the_trigger_removes_the_backdoor_and_keeps_clean_accuracy(
     for name, tensor in badnets.model.state_dict().items():
         assert torch.equal(tensor, before_weights[name]), name
     assert not any(p.requires_grad for p in result.model.parameters())
+    # the margin term: the largest margin the target reaches on any input, searched from other random starts than
+    # the pool's, fell from an outlier to about the other classes' median, and the data-free test flags nothing
+    margins_after = max_margin(result.model, 10, shape, MaxMarginConfig(), device=CPU, seed=2)
+    assert margins_after.statistics[badnets.target] < 0.5 * margins_before.statistics[badnets.target]
+    assert margins_after.statistics[badnets.target] < 1.5 * cap
+    assert margins_after.flagged_classes == ()
 
 
 def test_unlearning_refuses_what_it_cannot_do(mnist: MnistSplit, badnets: BadNetsModel) -> None:
@@ -100,12 +112,14 @@ STATE_DICT = ScanConfig(model=ModelOptions(arch="mnist_cnn", num_classes=10))
 def test_a_repaired_checkpoint_is_given_back_in_both_formats_and_scans_clean(
     tmp_path: Path, mnist: MnistSplit, badnets: BadNetsModel, repair_files: dict[str, Path]
 ) -> None:
+    # a class flagged with no trigger given (by the data-free test, say): the repair reverses it itself
     stages: list[str] = []
     report = repair_checkpoint(
         repair_files["model"],
         repair_files["data"],
-        {badnets.target: badnets.trigger},
+        {},
         tmp_path / "out",
+        classes=[badnets.target],
         scan_config=STATE_DICT,
         device=CPU,
         progress=lambda fraction, stage, message: stages.append(stage),
@@ -128,7 +142,7 @@ def test_a_repaired_checkpoint_is_given_back_in_both_formats_and_scans_clean(
     assert set(report.rescan.detectors) >= set(RESCAN_DETECTORS)
     assert report.rescan.detectors["spectral_signatures"].status.value == "skipped"
     assert stages[0] == "loading"
-    assert {"unlearning", "rescan"} <= set(stages)
+    assert {"margins", "reversing", "unlearning", "rescan"} <= set(stages)
     assert stages[-1] == "done"
     summary = report.to_dict()
     assert summary["classes"] == [badnets.target]

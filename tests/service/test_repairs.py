@@ -134,12 +134,13 @@ def test_a_clean_verdict_has_nothing_to_repair(
     scan = client.get(f"/v1/scans/{created['id']}", headers=AUTH).json()
     assert scan["status"] == "succeeded", scan
     body = assert_problem(client.post(f"/v1/scans/{scan['id']}/repair", headers=AUTH), 409, "nothing_to_repair")
-    assert "Neural Cleanse flagged no class" in body["detail"]
+    assert "no detector flagged a class" in body["detail"]
 
 
-def _succeeded_scan(client: TestClient, model_format: str = "pt2", data: bool = True) -> str:
-    """A scan row that succeeded with Neural Cleanse flagging class 0, made directly in the job table (no files
-    but the uploads the flags ask for): for the refusals that need a finished scan."""
+def _succeeded_scan(client: TestClient, model_format: str = "pt2", data: bool = True, nc: bool = True) -> str:
+    """A scan row that succeeded with class 0 flagged, made directly in the job table (no files but the uploads the
+    flags ask for): for the refusals that need a finished scan. ``nc``: Neural Cleanse ran (reversing every class)
+    and flagged it; else only the data-free test ran and flagged it."""
     state = client.app.state.bds  # type: ignore[attr-defined]
     files = ScanFiles(state.settings.scans_dir, scan_id := new_scan_id())
     files.root.mkdir(parents=True)
@@ -160,7 +161,13 @@ def _succeeded_scan(client: TestClient, model_format: str = "pt2", data: bool = 
         )
     )
     assert state.store.claim(scan_id, "w")
-    result = {"verdict": "backdoored", "detectors": {"neural_cleanse": {"status": "ok", "flagged_classes": [0]}}}
+    detectors: dict[str, Any] = {"max_margin": {"status": "ok", "flagged_classes": [0]}}
+    if nc:
+        classes = [{"class": k, "flagged": k == 0} for k in range(10)]
+        detectors["neural_cleanse"] = {"status": "ok", "flagged_classes": [0], "classes": classes}
+    else:
+        detectors["neural_cleanse"] = {"status": "skipped", "reason": "no clean samples given (data)"}
+    result = {"verdict": "backdoored", "flagged_classes": [0], "detectors": detectors}
     assert state.store.finish(scan_id, "w", JobStatus.succeeded, result=result, verdict="backdoored")
     return scan_id
 
@@ -177,6 +184,21 @@ def test_repair_refusals_of_a_finished_scan(make_client: Callable[..., TestClien
     # a refused request leaves nothing behind
     scans_dir = client.app.state.bds.settings.scans_dir  # type: ignore[attr-defined]
     assert len(list(scans_dir.iterdir())) == 3
+
+
+def test_a_class_flagged_without_a_reversed_trigger_is_repaired_too(make_client: Callable[..., TestClient]) -> None:
+    # the data-free test flagged class 0 and Neural Cleanse did not run: the repair is queued without trigger files
+    # and reverses class 0's itself (scanner.repair.repair_checkpoint's ``classes``)
+    client = make_client()  # no worker: the repair stays queued
+    scan_id = _succeeded_scan(client, nc=False)
+    response = client.post(f"/v1/scans/{scan_id}/repair", headers=AUTH)
+    assert response.status_code == 202, response.text
+    assert response.json()["classes"] == [0]
+    state = client.app.state.bds  # type: ignore[attr-defined]
+    row = state.store.get(response.json()["id"])
+    assert row.options["classes"] == [0]
+    assert row.options["triggers"] == []
+    assert not (state.settings.scans_dir / response.json()["id"] / "triggers").exists()
 
 
 def test_parallel_identical_repair_requests_make_one_repair(make_client: Callable[..., TestClient]) -> None:

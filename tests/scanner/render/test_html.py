@@ -247,7 +247,8 @@ def test_report_repair_section_shows_both_triggers_and_escapes() -> None:
         "verdict": "backdoored",
         "flagged_classes": [0],
         "detectors": {"neural_cleanse": {"status": "ok", "classes": [{"class": 0, "mask_l1": 6.5, "flagged": True,
-                      "artifacts": {"mask_png": "/v1/scans/x/artifacts/nc-class-0-mask.png"}}]}},
+                      "artifacts": {"mask_png": "/v1/scans/x/artifacts/nc-class-0-mask.png"}}]},
+                      "max_margin": {"status": "ok", "classes": [{"class": 0, "max_margin": 61.5}]}},
     }  # fmt: skip
     repair = {
         "id": "<b>r1</b>",
@@ -257,9 +258,11 @@ def test_report_repair_section_shows_both_triggers_and_escapes() -> None:
         "rounds": 3,
         "clean_accuracy": {"before": 0.96, "after": 0.95, "drop": 0.01, "max_drop": 0.02},
         "trigger_attack_success_rate": {"0": {"before": 0.97, "after": 0.31}},
+        "margin_caps": {"0": 20.25},
         "samples": {"fine_tuning": 350, "held_out": 150},
         "rescan": {"verdict": "backdoored", "detectors": {"neural_cleanse": {"classes": [
-            {"class": 0, "mask_l1": 70.0, "artifacts": {"mask_png": "nc-class-0-mask.png"}}]}}},
+            {"class": 0, "mask_l1": 70.0, "artifacts": {"mask_png": "nc-class-0-mask.png"}}]},
+            "max_margin": {"classes": [{"class": 0, "max_margin": 22.5}]}}},
         "files": ["repaired.pt2"],
     }  # fmt: skip
     before, after = _png(10), _png(200)
@@ -273,6 +276,8 @@ def test_report_repair_section_shows_both_triggers_and_escapes() -> None:
     assert "the re-scan still flags a class" in section
     assert "in 3 round(s)" in section
     assert "<td>0.97</td><td>0.31</td>" in section
+    assert "largest margin of class 0 on any input (held under 20.25)" in section
+    assert "<td>61.5</td><td>22.5</td>" in section
     images = [attrs["src"] for tag, attrs in _tags(section) if tag == "img"]
     assert images == [
         "data:image/png;base64," + base64.b64encode(before).decode(),
