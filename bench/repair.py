@@ -150,7 +150,7 @@ def main() -> None:
                     f"{asr_before:.3f}",
                     f"{asr:.3f}",
                     f"held out: {result.accuracy_before:.3f} -> {result.accuracy_after:.3f}",
-                    str(report.rounds),
+                    f"{report.rounds} ({report.margin_weight:g})",
                     rescan,
                     ",".join(map(str, other_flags)) or "none",
                     f"{times[-1]:.1f}",
@@ -159,7 +159,7 @@ def main() -> None:
             print(md_row(rows[-1]), flush=True)
     print()
     header = ["attack", "seed", "scan flagged (by)", "clean acc before", "after", "real-trigger ASR before", "after"]
-    header += ["the repair's own check", "rounds", "re-scan (NC + MM)", "MM, seed + 100", "repair s"]
+    header += ["the repair's own check", "rounds (margin weight)", "re-scan (NC + MM)", "MM, seed + 100", "repair s"]
     print_table(header, rows)
     if drops:
         print(
