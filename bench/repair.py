@@ -57,6 +57,7 @@ SHORT = {"neural_cleanse": "NC", "max_margin": "MM"}
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed .. seeds - 1")
     parser.add_argument("--only", help="semicolon-separated attack names")
     parser.add_argument("--epochs", type=int, default=RepairConfig().epochs)
     parser.add_argument("--lr", type=float, default=RepairConfig().lr)
@@ -92,7 +93,7 @@ def main() -> None:
     _save_npz(scan_data, split.test_images[:SAMPLES], split.test_labels[:SAMPLES])
     _save_npz(repair_data, clean_images, clean_labels)
     for attack in [a for a in ATTACKS if a.name in names]:
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.seeds):
             model_path, _, _facts = prepare(attack, seed, split, coverage_args)
             poisoned = attack.build(split, seed, coverage_args)
             assert poisoned.trigger is not None

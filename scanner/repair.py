@@ -583,8 +583,8 @@ def repair_checkpoint(
 
 
 def _gentler(weight: float) -> tuple[float, ...]:
-    """The margin weights a round tries in turn: the configured one, half of it, none."""
-    return (weight, weight / 2, 0.0) if weight > 0 else (0.0,)
+    """The margin weights a round tries in turn: the configured one, a half, a quarter, none."""
+    return (weight, weight / 2, weight / 4, 0.0) if weight > 0 else (0.0,)
 
 
 def _margin_caps(statistics: Sequence[float], classes: Sequence[int]) -> dict[int, float] | None:

@@ -392,12 +392,11 @@ def test_load_zip_with_too_many_members_is_refused_before_its_directory_is_read(
     archive is counted the same cheap way, also when its end record lies about the count."""
     path = build_many_member_zip(tmp_path / "many.zip", 120_000, declared=declared)
     tracemalloc.start()
-    started = time.perf_counter()
     try:
         _refused(InvalidDataError, path, "more than 100000 members")
-        elapsed = time.perf_counter() - started
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert elapsed < 2.0
+    # reading the directory would hold 120,000 ZipInfo objects (58 MiB measured); the count alone stays small. (No wall
+    # time bound: it failed at 2.65 s against 2 s on a 2-core box busy with a bench, and memory says the same.)
     assert peak < 8 * 1024**2
