@@ -550,6 +550,10 @@ def _repair_text(summary: dict[str, Any]) -> str:
     ]
     for target, rate in summary["trigger_attack_success_rate"].items():
         lines.append(f"class {target}'s reversed trigger, attack success rate: {rate['before']} -> {rate['after']}")
+    for target, cap in (summary.get("margin_caps") or {}).items():
+        lines.append(
+            f"class {target}'s largest margin held under {cap} (margin term weight {summary['margin_weight']})"
+        )
     rescan = summary["rescan"]
     flagged = ", ".join(map(str, rescan["flagged_classes"])) or "none"
     lines.append(f"re-scan of the written model: {rescan['verdict']} (flagged classes: {flagged})")
