@@ -253,6 +253,7 @@ class _MarginPool:
         self.caps = torch.tensor([caps[k] for k in classes], device=device).repeat_interleave(config.margin_pool)
         self.shape = tuple(int(d) for d in shape)
         self.steps = config.margin_steps
+        self.pool = config.margin_pool
         self.device = device
         self.images = torch.rand((len(self.targets), *self.shape), generator=generator).to(device)
         self.images.requires_grad_(True)
@@ -262,7 +263,7 @@ class _MarginPool:
     def refresh(self, generator: torch.Generator) -> None:
         """Restart the half of each class's pool that reached the smaller margins from new random images (the
         search keeps exploring; the other half keeps climbing)."""
-        pool = len(self.targets) // len(torch.unique(self.targets))
+        pool = self.pool
         if pool < 2:
             return
         margins_now = self.last.view(-1, pool)
