@@ -62,6 +62,26 @@ def test_null_quantile_matches_its_false_positive_rate() -> None:
     assert null_max_index_quantile(10, 0.01) > threshold
 
 
+def test_heavy_tailed_null_matches_its_false_positive_rate_where_the_normal_one_does_not() -> None:
+    """Student-t class sizes (the many-class null): the normal null's threshold flags far more than its 5%, the
+    heavy-tailed one about 5%, with all 100 values as the scale and with 16 random references."""
+    rng = np.random.default_rng(321)
+    for references in (None, 16):
+        normal = null_thresholds(100, 0.05, references).index
+        heavy = null_thresholds(100, 0.05, references, tail_dof=4.0).index
+        assert heavy > normal
+        draws = rng.standard_t(4.0, (3000, 100))
+        hits = {"normal": 0, "heavy": 0}
+        for values in draws:
+            reference = None if references is None else np.arange(100) < references
+            hits["normal"] += bool(small_outliers(values, normal, reference).any())
+            hits["heavy"] += bool(small_outliers(values, heavy, reference).any())
+        assert hits["normal"] / 3000 > 0.15
+        assert 0.03 < hits["heavy"] / 3000 < 0.075
+    with pytest.raises(ValueError, match="tail_dof"):
+        null_thresholds(100, 0.05, tail_dof=2.0)
+
+
 def test_fixed_threshold_two_flags_a_third_of_outlier_free_samples() -> None:
     rng = np.random.default_rng(7)
     hits = sum(bool(small_outliers(rng.standard_normal(10), 2.0).any()) for _ in range(4000))
