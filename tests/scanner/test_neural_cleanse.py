@@ -258,8 +258,9 @@ def test_confirmation_round_keeps_the_false_positive_rate(noise: float, count: i
     """Outlier-free models (class sizes normal on the log scale, plus run-to-run noise) are flagged by the default
     tests (MAD index and the smallest class's z; screened, the index alone) with the confirmation rule about as
     often as the calibration promises for one run (5%), and only close calls, about ``confirm_rate`` of them, pay
-    for a second round, with 10 classes and with 100 screened ones (a perfect screen: the 6 smallest and 16 random
-    references)."""
+    for a second round, with 10 classes (normal sizes) and with 100 screened ones (Student-t sizes, the
+    many-class null; a perfect screen: the 6 smallest and 16 random references; the confirmation re-runs only the
+    candidates on the small side)."""
     config = NeuralCleanseConfig()
     index_threshold, z_threshold = decision_thresholds(config, count, references)
     close, close_z = close_call_thresholds(config, count, references)
@@ -275,7 +276,8 @@ def test_confirmation_round_keeps_the_false_positive_rate(noise: float, count: i
     rng = np.random.default_rng(11)
     draws, flagged, confirmed = 3000, 0, 0
     for _ in range(draws):
-        classes = rng.standard_normal(count)
+        dof = config.many_classes_tail_dof
+        classes = rng.standard_normal(count) if count <= 32 or dof is None else rng.standard_t(dof, count)
         statistic = classes + noise * rng.standard_normal(count)
         if references is None:
             tested = reference = np.ones(count, dtype=bool)
@@ -287,7 +289,7 @@ def test_confirmation_round_keeps_the_false_positive_rate(noise: float, count: i
         if test.close_call(config.confirm_margin):
             confirmed += 1
             again = np.minimum(statistic, classes + noise * rng.standard_normal(count))  # each class's smaller L1
-            test = replace(test, statistic=np.where(tested, again, statistic))
+            test = replace(test, statistic=np.where(test.confirmed_rows(), again, statistic))
         flagged += bool(test.flagged().any())
     assert 0.03 < flagged / draws < 0.075
     assert 0.07 < confirmed / draws < 0.22
@@ -456,13 +458,18 @@ def test_screen_refines_the_candidates_and_references_only(badnets: BadNetsModel
     assert result.flagged_classes == [badnets.target]
 
 
-def test_screen_is_off_for_few_classes() -> None:
+def test_screen_is_on_above_32_classes_only() -> None:
     config = NeuralCleanseConfig()
     assert not config.screens(10)
-    assert not config.screens(100)  # off by default (false positives on the clean 100-class bench model)
+    assert not config.screens(32)
+    assert config.screens(33)  # on by default above 32 classes
+    assert config.screens(100)
     assert not NeuralCleanseConfig(screen_above=32).screens(32)
     assert NeuralCleanseConfig(screen_above=32).screens(100)
     assert not NeuralCleanseConfig(screen_above=None).screens(1000)
     assert not NeuralCleanseConfig(screen_above=3, screen_candidates=4, screen_references=6).screens(10)
     with pytest.raises(InvalidOptionError, match="screen_references"):
         NeuralCleanseConfig(screen_references=2)
+    for dof in (2.0, float("nan"), float("inf")):
+        with pytest.raises(InvalidOptionError, match="many_classes_tail_dof"):
+            NeuralCleanseConfig(many_classes_tail_dof=dof)
