@@ -18,6 +18,7 @@ __all__ = [
     "ScannerInfo",
     "Verdict",
     "VerdictLabel",
+    "reversed_trigger_classes",
 ]
 
 #: Detectors that look for backdoors (as opposed to ``model_file``, which looks for unsafe pickles).
@@ -164,3 +165,16 @@ class Verdict:
             "model": self.model.to_dict(),
             "scanner": self.scanner.to_dict(),
         }
+
+
+def reversed_trigger_classes(status: object, classes: object) -> set[int]:
+    """The classes whose Neural Cleanse trigger a scan reversed to convergence, from the detector's ``status`` and
+    its per-class ``classes`` entries: every class of a run that decided (``ok``), except those a many-class scan
+    screened out (their masks stopped after the screen: a rough start, not a trigger worth unlearning)."""
+    if status != "ok" or not isinstance(classes, list):
+        return set()
+    return {
+        int(entry["class"])
+        for entry in classes
+        if isinstance(entry, dict) and isinstance(entry.get("class"), int) and not entry.get("screened_out")
+    }

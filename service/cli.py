@@ -476,7 +476,14 @@ def _cmd_scan(args: argparse.Namespace) -> int:
 
 def _cmd_repair(args: argparse.Namespace) -> int:
     from scanner import resolve_device, scan
-    from scanner.repair import REPAIRED_PT2, REPAIRED_SAFETENSORS, RESCAN_DETECTORS, read_triggers, repair_checkpoint
+    from scanner.repair import (
+        REPAIRED_PT2,
+        REPAIRED_SAFETENSORS,
+        RESCAN_DETECTORS,
+        read_triggers,
+        repair_checkpoint,
+    )
+    from scanner.verdict import reversed_trigger_classes
     from service.options import RepairOptions, parse_fields, scan_config
 
     options = scan_options(args)
@@ -495,8 +502,10 @@ def _cmd_repair(args: argparse.Namespace) -> int:
     if not verdict.flagged_classes:
         print(f"backdoor-scan: no class of {args.model.name} is flagged: nothing to repair, nothing written")
         return EXIT_CLEAN
-    # Neural Cleanse reverses every class: each flagged class's trigger, whichever detector flagged it
-    with_trigger = verdict.flagged_classes if found.status.value == "ok" else ()
+    # Neural Cleanse reverses every class (but those a many-class scan screened out): each flagged class's trigger,
+    # whichever detector flagged it; the repair reverses the others' itself
+    reversed_ = reversed_trigger_classes(found.status.value, found.details.get("classes"))
+    with_trigger = [k for k in verdict.flagged_classes if k in reversed_]
     triggers = read_triggers(with_trigger, found.artifacts.__getitem__)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.output.parent, prefix=".repair-") as work:

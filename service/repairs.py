@@ -18,6 +18,7 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
+from scanner.verdict import reversed_trigger_classes
 from service.deps import AppState
 from service.jobs import FileInfo, NewScan, new_scan_id
 from service.models import JobKind, JobStatus, Scan
@@ -55,13 +56,12 @@ def flagged_triggers(scan: Scan) -> list[int]:
 def repair_targets(scan: Scan) -> tuple[list[int], list[int]]:
     """What a repair of a succeeded scan unlearns: ``(classes, with_trigger)``. ``classes`` are those the verdict
     flags, whichever detector flagged them; ``with_trigger`` those of them whose Neural Cleanse trigger the scan
-    reversed (it reverses every class when it runs). The repair reverses the others' itself."""
+    reversed to convergence (every class, unless a many-class scan screened it out). The repair reverses the others'
+    itself."""
     result = scan.result or {}
     classes = sorted(int(k) for k in result.get("flagged_classes") or [])
     neural_cleanse = (result.get("detectors") or {}).get("neural_cleanse") or {}
-    reversed_ = {int(entry["class"]) for entry in neural_cleanse.get("classes") or [] if "class" in entry}
-    if neural_cleanse.get("status") != "ok":
-        reversed_ = set()
+    reversed_ = reversed_trigger_classes(neural_cleanse.get("status"), neural_cleanse.get("classes"))
     return classes, [k for k in classes if k in reversed_]
 
 

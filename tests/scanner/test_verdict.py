@@ -4,7 +4,15 @@ import json
 
 import pytest
 
-from scanner.verdict import DetectorResult, DetectorStatus, ModelInfo, ScannerInfo, Verdict, VerdictLabel
+from scanner.verdict import (
+    DetectorResult,
+    DetectorStatus,
+    ModelInfo,
+    ScannerInfo,
+    Verdict,
+    VerdictLabel,
+    reversed_trigger_classes,
+)
 
 SCANNER = ScannerInfo(version="0.1.0", torch="2.14.1", device="cpu", seed=0)
 MODEL = ModelInfo(format="pt2", sha256="ab" * 32, size_bytes=10, input_shape=(1, 28, 28), num_classes=10)
@@ -74,3 +82,17 @@ def test_verdict_errors_channel_lists_crashed_detectors() -> None:
 def test_detector_artifacts_are_not_in_json() -> None:
     result = DetectorResult(status=DetectorStatus.OK, artifacts={"nc-class-0-mask.npy": b"\x93NUMPY"})
     assert "artifacts" not in result.to_dict()
+
+
+def test_reversed_trigger_classes_leave_out_screened_out_classes_and_undecided_runs() -> None:
+    entries = [
+        {"class": 0, "screened_out": False},
+        {"class": 1, "screened_out": True},  # a many-class scan stopped it after the screen
+        {"class": 2},
+        {"class": "3"},  # not a class number
+        "junk",
+    ]
+    assert reversed_trigger_classes("ok", entries) == {0, 2}
+    assert reversed_trigger_classes("error", entries) == set()
+    assert reversed_trigger_classes("ok", None) == set()
+    assert reversed_trigger_classes("ok", {"class": 0}) == set()
