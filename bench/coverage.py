@@ -50,7 +50,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from nc_uploads import _wide_cnn, cpu_has_bf16, cpu_name
+from nc_uploads import cpu_has_bf16, cpu_name
 from neural_cleanse import md_row, print_table
 
 from scanner.config import ScanConfig
@@ -69,7 +69,7 @@ from scanner.testing.attacks import (
     sinusoid_trigger,
 )
 from scanner.testing.mnist import MnistSplit, load_mnist_split
-from scanner.testing.training import accuracy, train_classifier
+from scanner.testing.training import accuracy, train_classifier, wide_cnn
 from scanner.trigger import Stamps
 
 CPU = torch.device("cpu")
@@ -196,7 +196,7 @@ def prepare(
     torch.manual_seed(seed)
     started = time.perf_counter()
     network = train_classifier(
-        _wide_cnn(),
+        wide_cnn(),
         poisoned.images,
         poisoned.labels,
         epochs=poisoned.epochs,

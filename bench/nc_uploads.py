@@ -73,24 +73,6 @@ UPLOADS = tuple(Upload(arch, backdoored) for arch in ARCHS for backdoored in (Tr
 # ------------------------------------------------------------------------------------------------ models
 
 
-def _wide_cnn(width: int = 28, classes: int = 10) -> Any:
-    """conv 1->32 (pad 1), pool, conv 32->64, pool, fc -> 128 -> classes, for 28 x ``width`` inputs."""
-    from torch import nn
-
-    return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(64 * 6 * ((width // 2 - 2) // 2), 128),
-        nn.ReLU(),
-        nn.Linear(128, classes),
-    )
-
-
 def _as_resnet_input(images: Any) -> Any:
     """1x28x28 digits in [0, 1] -> 3x32x32 (zero border of 2, the channel repeated)."""
     import torch.nn.functional as F
@@ -111,7 +93,7 @@ def prepare(upload: Upload, samples: int) -> tuple[Path, Path, dict[str, Any]]:
 
     from scanner.testing.attacks import patch_trigger, poison_dataset
     from scanner.testing.mnist import load_mnist_split, two_digit_split
-    from scanner.testing.training import accuracy, train_classifier
+    from scanner.testing.training import accuracy, train_classifier, wide_cnn
     from scanner.trigger import attack_success_rate
 
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -143,7 +125,7 @@ def prepare(upload: Upload, samples: int) -> tuple[Path, Path, dict[str, Any]]:
 
         exported_on = normalise(test_images[:2])
     else:
-        network = _wide_cnn(width=train_images.shape[-1], classes=classes)
+        network = wide_cnn(width=train_images.shape[-1], classes=classes)
         started = time.perf_counter()
         epochs = 4 if classes == 10 and train_images.shape[-1] == 28 else 8
         network = train_classifier(network, images, labels, epochs=epochs, batch_size=64, lr=2e-3, seed=0, device=cpu)
@@ -321,7 +303,8 @@ def main() -> None:
         speed_rows.append(row)
         print(md_row(row), flush=True)
 
-    print(f"\n## Whole-process scans: default ({args.precision}) vs sequential original, side by side\n")
+    versus = ", vs sequential original, side by side" if ratios else ""
+    print(f"\n## Whole-process scans: default ({args.precision}){versus}\n")
     header = ["upload", "target"]
     for variant in variants:
         header += [f"{variant} flagged", "wall s", "NC s", "rounds", "images", "peak MiB"]

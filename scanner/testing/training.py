@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from scanner.classifier import predict
 from scanner.loading.architectures import build_architecture
 
-__all__ = ["accuracy", "train_classifier", "train_mnist_cnn"]
+__all__ = ["accuracy", "train_classifier", "train_mnist_cnn", "wide_cnn"]
 
 
 def _check_pairs(images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -142,4 +142,21 @@ def train_mnist_cnn(
         model = build_architecture("mnist_cnn", num_classes)
     return train_classifier(
         model, images, labels, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device
+    )
+
+
+def wide_cnn(width: int = 28, classes: int = 10) -> nn.Module:
+    """The benches' user-like CNN for 1 x 28 x ``width`` digits (twice the width of ``mnist_cnn``): conv 1->32
+    (pad 1), pool, conv 32->64, pool, fc -> 128 -> ``classes``. ``width=56`` is the two-digit task."""
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 6 * ((width // 2 - 2) // 2), 128),
+        nn.ReLU(),
+        nn.Linear(128, classes),
     )

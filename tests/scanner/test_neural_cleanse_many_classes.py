@@ -14,27 +14,12 @@ from scanner.config import NeuralCleanseConfig
 from scanner.neural_cleanse import neural_cleanse
 from scanner.testing.attacks import patch_trigger, poison_dataset
 from scanner.testing.mnist import MnistSplit, two_digit_split
-from scanner.testing.training import train_classifier
+from scanner.testing.training import train_classifier, wide_cnn
 from scanner.trigger import attack_success_rate
 
 pytestmark = pytest.mark.slow
 
 CLASSES, TARGET = 100, 0
-
-
-def _two_digit_cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(64 * 6 * 13, 128),
-        nn.ReLU(),
-        nn.Linear(128, CLASSES),
-    )
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +34,9 @@ def _train(task: MnistSplit, backdoored: bool) -> nn.Module:
         poisoned = poison_dataset(images, labels, trigger, target=TARGET, rate=0.1, seed=0)
         images, labels = poisoned.images, poisoned.labels
     torch.manual_seed(0)
-    model = train_classifier(
-        _two_digit_cnn(), images, labels, epochs=8, batch_size=64, lr=2e-3, seed=0, device=torch.device("cpu")
-    )
+    network = wide_cnn(width=56, classes=CLASSES)
+    cpu = torch.device("cpu")
+    model = train_classifier(network, images, labels, epochs=8, batch_size=64, lr=2e-3, seed=0, device=cpu)
     return model.eval()
 
 
