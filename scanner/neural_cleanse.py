@@ -652,6 +652,8 @@ def neural_cleanse(
     test = _OutlierTest.of(triggers, config, references)
     while rounds < most_rounds and test.close_call(config.confirm_margin):
         refined = test.confirmed_classes(triggers)
+        if not refined:  # screened, and only references lie on the small side: they keep their one run
+            break
         logger.debug("Neural Cleanse: close call (threshold %.2f), confirmation round %d", test.threshold, rounds + 1)
         again = reverse_engineer_triggers(
             model,
