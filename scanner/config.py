@@ -224,7 +224,7 @@ class NeuralCleanseConfig:
             two-digit MNIST model, 5 classes lay beyond index 2.7 on the small side where a normal null expects
             0.5 (Student-t with 4 degrees of freedom: 2.2), and its smallest class reached index 4.0 against the
             normal null's 5% threshold of 3.5; with this null the 100-class thresholds are 8.0 (all classes) and
-            10.2 (16 screened references), and a BadNets target lies at 11-21. Not measured above 100 classes: on
+            10.05 (16 screened references), and a BadNets target lies at 11-21. Not measured above 100 classes: on
             this null the threshold grows with the class count (18.2 for 1,000 screened classes).
     """
 
