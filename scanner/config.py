@@ -214,7 +214,9 @@ class NeuralCleanseConfig:
             that sample (:func:`scanner.stats.null_thresholds`). The other classes stop after the screen and are
             not tested, and a close call re-runs only the candidates on the small side. Time then grows with
             ``screen_steps`` per class, not with each class's full search: a 100-class scan of the bench's
-            two-digit CNN reverses about 22 classes to convergence instead of 100.
+            two-digit CNN reverses about 22 classes to convergence instead of 100. The screen is a heuristic: a
+            target whose mask stays large for the first ``screen_steps`` steps (an adaptive attack on the screen)
+            would be screened out and not tested.
         screen_steps, screen_candidates, screen_references: see ``screen_above``.
         screen_batch_size: clean samples per mini-batch and class during the screen (``batch_size`` after it): the
             screen only ranks the classes, and at a quarter of the samples it costs a quarter as much.
