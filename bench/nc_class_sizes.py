@@ -107,11 +107,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default=DEFAULT_RUNS, help="semicolon-separated model:seed (default: %(default)s)")
     args = parser.parse_args()
-    import torch
-
     from scanner.config import NeuralCleanseConfig
-    from scanner.neural_cleanse import decision_thresholds
-    from scanner.stats import null_thresholds
+    from scanner.neural_cleanse import _OutlierTest, _reference_classes, _Screen, decision_thresholds
+    from scanner.stats import anomaly_index, null_thresholds
 
     config = NeuralCleanseConfig()
     dof = config.many_classes_tail_dof
@@ -133,7 +131,7 @@ def main() -> None:
         best = np.array([e["screen_best"] for e in entries])
         median = float(np.median(sizes))
         scale = MAD * float(np.median(np.abs(sizes - median)))
-        index = (median - sizes) / scale
+        index = np.where(sizes < median, anomaly_index(sizes), 0.0)  # the small side's index, 0 above the median
         order = np.argsort(sizes)
         natural = np.ones(count, dtype=bool)
         if upload.backdoored:
@@ -156,18 +154,16 @@ def main() -> None:
                 f"{found['seconds']:.0f}",
             ]
         )
-        ranked = sorted(range(count), key=lambda k: (best[k] == math.inf, best[k], now[k]))
-        candidates = ranked[: config.screen_candidates]
+        rows_all = np.arange(count)
         largest = []
-        for reference_seed in range(6):
-            generator = torch.Generator().manual_seed(reference_seed)
-            references = torch.randperm(count, generator=generator)[: config.screen_references].tolist()
-            ref = sizes[references]
-            ref_median = float(np.median(ref))
-            ref_scale = MAD * float(np.median(np.abs(ref - ref_median)))
-            tested = set(candidates) | set(references)
-            small = [(ref_median - sizes[k]) / ref_scale for k in tested if sizes[k] < ref_median]
-            largest.append(max(small) if small else 0.0)
+        for reference_seed in range(6):  # the detector's own screen ranking, reference draw and outlier test
+            references = _reference_classes(count, config, reference_seed) or []
+            screen = _Screen(config.screen_steps, config.screen_candidates, frozenset(references))
+            tested = np.isin(rows_all, sorted(screen.survivors(list(range(count)), best.tolist(), now.tolist())))
+            reference = np.isin(rows_all, references)
+            test = _OutlierTest(sizes, tested, reference, threshold=math.inf)
+            small = test.indices()[tested & (sizes < np.median(sizes[reference]))]
+            largest.append(float(small.max()) if small.size else 0.0)
         replay.append([f"{upload.name} (seed {found['seed']})", " / ".join(f"{v:.1f}" for v in largest)])
 
     count = 100

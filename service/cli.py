@@ -476,13 +476,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
 
 def _cmd_repair(args: argparse.Namespace) -> int:
     from scanner import resolve_device, scan
-    from scanner.repair import (
-        REPAIRED_PT2,
-        REPAIRED_SAFETENSORS,
-        RESCAN_DETECTORS,
-        read_triggers,
-        repair_checkpoint,
-    )
+    from scanner.repair import REPAIRED_PT2, REPAIRED_SAFETENSORS, RESCAN_DETECTORS, read_triggers, repair_checkpoint
     from scanner.verdict import reversed_trigger_classes
     from service.options import RepairOptions, parse_fields, scan_config
 

@@ -44,10 +44,15 @@ REPAIR_TEXT_FIELDS = frozenset(RepairOptions.model_fields)
 TRIGGERS_DIR = "triggers"
 
 
+def _neural_cleanse(scan: Scan) -> dict[str, Any]:
+    """The Neural Cleanse detector's part of a scan's result (empty when it has none)."""
+    found = ((scan.result or {}).get("detectors") or {}).get("neural_cleanse") or {}
+    return found if isinstance(found, dict) else {}
+
+
 def flagged_triggers(scan: Scan) -> list[int]:
     """The classes whose trigger Neural Cleanse reversed and flagged in a succeeded scan."""
-    result = scan.result or {}
-    neural_cleanse = (result.get("detectors") or {}).get("neural_cleanse") or {}
+    neural_cleanse = _neural_cleanse(scan)
     if neural_cleanse.get("status") != "ok":
         return []
     return sorted(int(k) for k in neural_cleanse.get("flagged_classes") or [])
@@ -58,9 +63,8 @@ def repair_targets(scan: Scan) -> tuple[list[int], list[int]]:
     flags, whichever detector flagged them; ``with_trigger`` those of them whose Neural Cleanse trigger the scan
     reversed to convergence (every class, unless a many-class scan screened it out). The repair reverses the others'
     itself."""
-    result = scan.result or {}
-    classes = sorted(int(k) for k in result.get("flagged_classes") or [])
-    neural_cleanse = (result.get("detectors") or {}).get("neural_cleanse") or {}
+    classes = sorted(int(k) for k in (scan.result or {}).get("flagged_classes") or [])
+    neural_cleanse = _neural_cleanse(scan)
     reversed_ = reversed_trigger_classes(neural_cleanse.get("status"), neural_cleanse.get("classes"))
     return classes, [k for k in classes if k in reversed_]
 
